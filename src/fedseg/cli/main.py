@@ -1,0 +1,50 @@
+"""The ``fedseg`` command. Thin: parse arguments, call the library, print."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from fedseg import __version__
+from fedseg.cli import data as data_commands
+from fedseg.cli.console import err_console
+from fedseg.errors import FedsegError
+
+app = typer.Typer(
+    name="fedseg",
+    help="Federated 3-D segmentation of prostate MRI across hospitals, without images leaving any site.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_commands.app, name="data")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Federated 3-D segmentation of prostate MRI across hospitals."""
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and exit code 1."""
+    try:
+        app()
+    except FedsegError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny hand-made sites and the real scans in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseg.data.volume import Volume, save_volume
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROMISE12_SITES = ("bidmc", "hk", "runmc", "ucl")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real scans; absent data skips locally but fails in CI, where they must exist."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED_DATA} is missing in CI")
+        pytest.skip(f"{SHARED_DATA} not available")
+    return SHARED_DATA
+
+
+def oblique_affine(spacing: tuple[float, float, float], angle_deg: float = 12.0) -> np.ndarray:
+    """An LPS-like, slightly oblique scanner affine (axes L, P, S) with the given spacing."""
+    a = np.deg2rad(angle_deg)
+    rotation = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ rotation @ np.diag(spacing)
+    affine[:3, 3] = [40.0, 60.0, -30.0]
+    return affine
+
+
+def ellipsoid_case(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy image with a brighter ellipsoid and its mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radii = np.array([0.45, 0.4, 0.5]) * rng.uniform(0.8, 1.2, 3)
+    mask = (((grid / radii[:, None, None, None]) ** 2).sum(0) < 1).astype(np.uint8)
+    image = (200.0 + 300.0 * mask + rng.normal(0, 30, shape)).astype(np.int16)
+    return image, mask
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for a small valid site folder in the fedseg layout."""
+
+    def factory(
+        name: str = "site",
+        n_cases: int = 4,
+        shape: tuple[int, int, int] = (24, 20, 8),
+        spacing: tuple[float, float, float] = (0.6, 0.6, 3.0),
+    ) -> Path:
+        root = tmp_path / name
+        affine = oblique_affine(spacing)
+        for i in range(n_cases):
+            image, mask = ellipsoid_case(shape, seed=i)
+            save_volume(Volume(image, affine), root / "images" / f"case{i:02d}.nii.gz")
+            save_volume(Volume(mask, affine), root / "labels" / f"case{i:02d}.nii.gz")
+        return root
+
+    return factory
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run ``fedseg ARGS...`` in-process; returns (exit code, stdout, stderr)."""
+    from fedseg.cli.main import main
+
+    def invoke(*args: str | Path) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["fedseg", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "400")  # keep file names on one line
+        code: int | str | None = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return (code if isinstance(code, int) else 1), captured.out, captured.err
+
+    return invoke
