@@ -33,3 +33,18 @@ def test_installed_console_script_gives_one_line_error(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "error:" in result.stderr and "nowhere" in result.stderr
+
+
+def test_import_dicom_command_matches_label_grid(shared_data, tmp_path, run_cli):
+    from fedseg.data.volume import load_volume, same_grid
+
+    out = tmp_path / "ProstateX-0000.nii.gz"
+    code, stdout, err = run_cli("data", "import-dicom", shared_data / "prostatex/dicom/ProstateX-0000", out)
+    assert code == 0, err
+    assert "(384, 384, 19)" in stdout
+    label = load_volume(shared_data / "prostatex/labels/ProstateX-0000.nii.gz")
+    assert same_grid(load_volume(out), label, atol_mm=1e-3)
+    content = out.read_bytes()
+    code, _, err = run_cli("data", "import-dicom", shared_data / "prostatex/dicom/ProstateX-0000", out)
+    assert code == 1 and "already exists" in err
+    assert out.read_bytes() == content

@@ -107,7 +107,7 @@ def import_dicom_series(
     if not out.name.endswith(NIFTI_SUFFIXES):
         raise DataError(f"{out}: output name must end in .nii or .nii.gz")
     if out.exists() and not overwrite:
-        raise DataError(f"{out}: already exists; pass overwrite=True to replace it")
+        raise DataError(f"{out}: already exists; choose another name or allow overwriting (--overwrite)")
     volume = read_dicom_series(folder, series_uid)
     save_volume(volume, out)
     return volume
