@@ -70,11 +70,13 @@ def make_site(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run ``fedseg ARGS...`` in-process; returns (exit code, stdout, stderr)."""
+    from fedseg.cli import console as cli_console
     from fedseg.cli.main import main
 
     def invoke(*args: str | Path) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["fedseg", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "400")  # keep file names on one line
+        for output in (cli_console.console, cli_console.err_console):
+            monkeypatch.setattr(output, "width", 300)  # tables keep long paths on one line
         code: int | str | None = 0
         try:
             main()

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths stay on one line, whatever the terminal width
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
