@@ -48,3 +48,15 @@ def test_import_dicom_command_matches_label_grid(shared_data, tmp_path, run_cli)
     code, _, err = run_cli("data", "import-dicom", shared_data / "prostatex/dicom/ProstateX-0000", out)
     assert code == 1 and "already exists" in err
     assert out.read_bytes() == content
+
+
+
+def test_os_error_is_a_one_line_error(make_site, tmp_path, run_cli):
+    """A destination whose parent is a file fails in the OS; the user gets one line, not a traceback."""
+    site = make_site(n_cases=1)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run_cli("data", "prepare", site, blocker / "out")
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "notes.txt" in last and "Traceback" not in err

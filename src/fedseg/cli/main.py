@@ -35,11 +35,14 @@ def _root(
 
 
 def main() -> None:
-    """Console entry point: user errors become one red line and exit code 1."""
+    """Console entry point: user errors and OS errors become one red line and exit code 1."""
     try:
         app()
     except FedsegError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # permissions, full disk, read-only media: the message names the path
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
