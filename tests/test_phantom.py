@@ -106,3 +106,44 @@ def test_anatomy_hits_requested_gland_volume() -> None:
         ph = render(anatomy, acq, Annotation(), np.random.default_rng(0))
         measured = ph.label.sum() * abs(np.linalg.det(ph.affine[:3, :3])) / 1000
         assert abs(measured / volume - 1) < 0.1
+
+
+def test_endorectal_coil_image_is_dark_away_from_the_coil() -> None:
+    """Receive profile dominates: tissue far from the balloon is much darker than near it."""
+    ph = render_case(get_profile("nci"), 0, seed=3, **QUICK)
+    assert ph.anatomy.compression > 0
+    balloon = np.argwhere(ph.tissue == CODE["balloon"]).mean(axis=0)
+    spacing = np.linalg.norm(ph.affine[:3, :3], axis=0)
+    idx = np.indices(ph.image.shape, dtype=np.float32)
+    dist = np.sqrt(sum(((idx[i] - balloon[i]) * spacing[i]) ** 2 for i in range(3)))
+    body = ph.tissue != CODE["air"]
+    soft = body & ~np.isin(ph.tissue, [CODE["balloon"], CODE["gas"], CODE["cortical_bone"], CODE["artery"]])
+    near = np.median(ph.image[soft & (dist < 35)])
+    far = np.median(ph.image[soft & (dist > 60)])
+    assert far < 0.25 * near
+
+
+def test_pelvic_anatomy_proportions_and_bone_contrast() -> None:
+    """Muscle and bone, not fat, fill most of the pelvis; femoral marrow is brighter than muscle."""
+    ph = render_case(get_profile("prostatex"), 0, seed=4, resolution_scale=2.0)
+    body = ph.tissue != CODE["air"]
+    fat = np.isin(ph.tissue, [CODE["fat"], CODE["fibrous_septum"]]).sum() / body.sum()
+    muscle = (ph.tissue == CODE["muscle"]).sum() / body.sum()
+    assert 0.15 < fat < 0.6 and muscle > 0.25
+    for code in ("marrow", "cortical_bone", "fibrous_septum", "cartilage"):
+        assert np.any(ph.tissue == CODE[code]), code
+    assert _mean(ph, "marrow") > 2 * _mean(ph, "muscle")
+    assert _mean(ph, "fat") > 3 * _mean(ph, "muscle")
+
+
+def test_point_spread_blurs_edges() -> None:
+    """In-plane PSF: neighbouring pixels of a noiseless phantom are correlated across tissue edges."""
+    from dataclasses import replace
+
+    p = get_profile("suny")
+    acq = replace(acquisition_for(p, 0, fov_mm=90.0), noise_level=0.0, bias_strength=0.0)
+    anatomy = sample_anatomy(case_rng(1, "suny", 0), 40.0, coil=False)
+    sharp = render(anatomy, replace(acq, psf_sigma_vox=0.0), p.annotation, np.random.default_rng(0)).image
+    soft = render(anatomy, acq, p.annotation, np.random.default_rng(0)).image
+    grad = lambda im: float(np.abs(np.diff(im, axis=0)).mean())  # noqa: E731
+    assert grad(soft) < 0.85 * grad(sharp)

@@ -13,8 +13,10 @@ z = superior; the patient may be rotated about z on the table):
 * signal per tissue from the spin-echo equation
   ``S = PD * (1 - exp(-TR/T1)) * exp(-TE/T2)`` (3 T values in :data:`TISSUES`),
   so a site's TR/TE changes contrast;
-* then per-tissue texture (smooth random field), a smooth multiplicative bias
-  field, endorectal coil receive profile, Rician noise.
+* then per-tissue texture (smooth random field), an in-plane Gaussian
+  point-spread function, a smooth multiplicative bias field, the endorectal
+  coil receive profile (image normalised to the gland's sensitivity, so it is
+  dark away from the coil), Rician noise.
 
 The gland is a rounded inverted cone (wide base cranially, narrow apex
 caudally) with random low-order shape harmonics; inside: bright peripheral
@@ -22,15 +24,20 @@ zone, darker transition zone that grows with gland volume and carries BPH
 nodules, central zone at the base, dark anterior fibromuscular stroma,
 urethra and a thin dark capsule. Around it: bladder, seminal vesicles,
 rectum (or an endorectal balloon that pushes the posterior gland forward),
-levator ani, obturator internus, gluteal and adductor muscles, pubic
-symphysis, rami, acetabula, femoral heads, coccyx, fat, skin and air.
+levator ani; a muscle mass under the subcutaneous fat with the pelvic
+cavity, ischioanal fossae, femoral triangles and natal cleft carved out as
+fat (leaving obturator internus and gluteus maximus), pubic symphysis, rami,
+acetabula, femoral heads, ischia, coccyx, sacrum; fibrous septa in fat and
+fat planes between muscles; skin and air. Body, muscles and bones are
+painted on a smoothly warped grid so their outlines are irregular.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from fedseg.data.site_profiles import Annotation
 
@@ -54,8 +61,8 @@ class Tissue:
 TISSUES: tuple[Tissue, ...] = (
     Tissue("air", 0.0, 1000, 1, 0.0),
     Tissue("skin", 0.7, 1200, 40, 0.05),
-    Tissue("fat", 0.9, 380, 140, 0.06),
-    Tissue("muscle", 0.75, 1420, 45, 0.08),
+    Tissue("fat", 0.9, 380, 190, 0.06),
+    Tissue("muscle", 0.75, 1420, 55, 0.08),
     Tissue("cortical_bone", 0.05, 1000, 5, 0.0),
     Tissue("marrow", 0.8, 550, 110, 0.10),
     Tissue("cartilage", 0.7, 1200, 40, 0.05),
@@ -75,6 +82,8 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("bph_glandular", 0.85, 1900, 180, 0.20),
     Tissue("bph_stromal", 0.75, 1500, 60, 0.12),
     Tissue("urethra", 0.75, 1500, 60, 0.05),
+    Tissue("fibrous_septum", 0.6, 1100, 35, 0.05),
+    Tissue("artery", 0.05, 1000, 5, 0.0),
 )
 CODE: dict[str, int] = {t.name: i for i, t in enumerate(TISSUES)}
 GLAND_CODES: tuple[int, ...] = tuple(
@@ -126,6 +135,7 @@ class Acquisition:
     noise_level: float
     bias_strength: float
     intensity_scale: float
+    psf_sigma_vox: float = 0.6  # in-plane Gaussian point-spread function (voxels)
 
 
 @dataclass(frozen=True)
@@ -145,14 +155,17 @@ class Anatomy:
     gland_ras: tuple[float, float, float]  # gland centre in scanner RAS coordinates
     fov_offset: tuple[float, float, float]  # FOV centre minus gland centre
     body: tuple[float, float, float]  # half-width, anterior and posterior skin distance
-    pelvis_half_width: float
-    retropubic_gap: float
+    pelvis_half_width: float  # sets the pelvic sidewall (obturator internus inner surface)
+    retropubic_gap: float  # gland front to the posterior surface of the pubic bones
+    subcutaneous_fat: tuple[float, float, float]  # thickness lateral, anterior, posterior
+    femoral_head: tuple[float, float]  # radius, A-P position of the centre
     bladder: tuple[float, float, float]  # semi-axes
     rectum: tuple[float, float, float]  # semi-axes L-R, A-P outer, wall thickness
     rectal_gas: bool
     balloon: tuple[float, float, float]  # semi-axes
     coil_gain: float
     vessels: tuple[tuple[float, float, float, float], ...]  # x, y, z, radius of venous plexus dots
+    warp: tuple[tuple[float, float, float, float, float], ...]  # kx, ky (rad/mm), phase, amp x, amp y (mm)
 
 
 def _sample_shape(rng: np.random.Generator) -> dict:
@@ -187,15 +200,22 @@ def sample_anatomy(rng: np.random.Generator, gland_volume_ml: float, coil: bool)
     shape = _sample_shape(rng)
     ratios = np.array([1.35, 1.0, 1.15]) * rng.uniform(0.9, 1.1, 3)
     tz = float(np.clip(np.log(gland_volume_ml / 20.0) / np.log(8.0), 0.0, 1.0))
-    compression = float(rng.uniform(0.15, 0.25)) if coil else 0.0
+    compression = float(rng.uniform(0.2, 0.3)) if coil else 0.0
     unit = _unit_volume(shape, compression)
     scale = (gland_volume_ml * 1000.0 / (np.prod(ratios) * unit)) ** (1 / 3)
     semi = tuple(float(r * scale) for r in ratios)
+    gap = float(rng.uniform(14, 24))
     vessels = tuple(
-        (float(rng.uniform(-0.6, 0.6) * semi[0]), float(semi[1] + rng.uniform(2, 8)),
-         float(rng.uniform(-0.8, 0.8) * semi[2]), float(rng.uniform(0.8, 2.0)))
-        for _ in range(int(rng.integers(3, 9)))
+        (float(rng.uniform(-0.7, 0.7) * semi[0]), float(semi[1] + rng.uniform(2, gap - 3)),
+         float(rng.uniform(-0.9, 0.9) * semi[2]), float(rng.uniform(0.8, 2.5)))
+        for _ in range(int(rng.integers(5, 13)))
     )
+    warp = []
+    for _ in range(6):  # smooth random displacement of the painting coordinates, ~3 mm
+        wavelength, angle = rng.uniform(45, 130), rng.uniform(0, np.pi)
+        k = 2 * np.pi / wavelength
+        warp.append((float(k * np.cos(angle)), float(k * np.sin(angle)), float(rng.uniform(0, 2 * np.pi)),
+                     float(rng.normal(0, 1.4)), float(rng.normal(0, 1.4))))
     return Anatomy(
         gland_volume_ml=float(gland_volume_ml),
         semi_axes=semi,  # type: ignore[arg-type]
@@ -207,13 +227,16 @@ def sample_anatomy(rng: np.random.Generator, gland_volume_ml: float, coil: bool)
         fov_offset=tuple(float(v) for v in rng.uniform(-5, 5, 3)),  # type: ignore[arg-type]
         body=(float(rng.uniform(150, 195)), float(rng.uniform(62, 105)), float(rng.uniform(85, 130))),
         pelvis_half_width=float(rng.uniform(58, 68)),
-        retropubic_gap=float(rng.uniform(6, 14)),
+        retropubic_gap=gap,
+        subcutaneous_fat=(float(rng.uniform(12, 30)), float(rng.uniform(15, 40)), float(rng.uniform(15, 35))),
+        femoral_head=(float(rng.uniform(20, 25)), float(rng.uniform(-2, 8))),
         bladder=(float(rng.uniform(32, 50)), float(rng.uniform(25, 38)), float(rng.uniform(22, 38))),
         rectum=(float(rng.uniform(14, 20)), float(rng.uniform(8, 13)), float(rng.uniform(2.5, 3.5))),
         rectal_gas=bool(rng.random() < 0.4),
-        balloon=(float(rng.uniform(22, 27)), float(rng.uniform(14, 18)), float(rng.uniform(24, 30))),
-        coil_gain=float(rng.uniform(5.0, 8.0)),
+        balloon=(float(rng.uniform(26, 32)), float(rng.uniform(18, 23)), float(rng.uniform(26, 32))),
+        coil_gain=float(rng.uniform(14.0, 24.0)),
         vessels=vessels,
+        warp=tuple(warp),
         **shape,
     )
 
@@ -287,6 +310,7 @@ class Frame:
     world_y: np.ndarray  # (ny,)
     cos: float
     sin: float
+    pad: float = 0.0  # largest displacement of x, y from the true positions (warped frames)
 
     @property
     def z_centres(self) -> np.ndarray:
@@ -296,6 +320,7 @@ class Frame:
         """Index slices covering a disc of radius r at (cx, cy) and z in [zlo, zhi]; None if empty."""
         wx = self.cos * cx + self.sin * cy
         wy = -self.sin * cx + self.cos * cy
+        r = r + self.pad
         si = _axis_range(self.world_x, wx, r)
         sj = _axis_range(self.world_y, wy, r)
         k0, k1 = int(np.searchsorted(self.z, zlo, "left")), int(np.searchsorted(self.z, zhi, "right"))
@@ -354,14 +379,16 @@ def _paint(tissue: np.ndarray, box, mask: np.ndarray, code: int, only: tuple[int
     sub[mask] = code
 
 
-def paint_ellipsoid(tissue, fr: Frame, centre, radii, code: int, only=None) -> None:
-    """Axis-aligned (patient frame) ellipsoid."""
+def paint_ellipsoid(tissue, fr: Frame, centre, radii, code: int, only=None, keep=None) -> None:
+    """Axis-aligned (patient frame) ellipsoid; ``keep(x, y)`` optionally limits it in-plane."""
     cx, cy, cz = centre
     rx, ry, rz = radii
     box = fr.box(cx, cy, max(rx, ry), cz - rz, cz + rz)
     if box is None:
         return
     q2 = ((fr.x[box[0], box[1]] - cx) / rx) ** 2 + ((fr.y[box[0], box[1]] - cy) / ry) ** 2
+    if keep is not None:
+        q2 = np.where(keep(fr.x[box[0], box[1]], fr.y[box[0], box[1]]), q2, np.float32(2.0))
     qz = ((fr.z[box[2]] - cz) / rz) ** 2
     _paint(tissue, box, q2[:, :, None] + qz[None, None, :] <= 1, code, only)
 
@@ -394,35 +421,89 @@ def paint_bone_rod(tissue, fr: Frame, a, b, radius: float) -> None:
     paint_rod(tissue, fr, a, b, radius - 2.0, CODE["marrow"])
 
 
+def _sidewall(anat: Anatomy) -> float:
+    """|x| of the obturator internus' inner surface (the fat-filled pelvic cavity is inside)."""
+    return max(anat.pelvis_half_width - 30.0, anat.semi_axes[0] + 5.0)
+
+
+def warped_frame(fr: Frame, anat: Anatomy) -> Frame:
+    """The frame with smoothly displaced x, y (a few mm) so that solids painted on it are irregular."""
+    dx = np.zeros_like(fr.x)
+    dy = np.zeros_like(fr.y)
+    for kx, ky, phase, ax, ay in anat.warp:
+        wave = np.cos(kx * fr.x + ky * fr.y + phase)
+        dx += ax * wave
+        dy += ay * wave
+    pad = float(max(np.abs(dx).max(), np.abs(dy).max()))
+    return replace(fr, x=fr.x + dx, y=fr.y + dy, pad=pad)
+
+
+def _superellipse(fr: Frame, cx: float, cy: float, rx: float, ry: float, power: float) -> np.ndarray:
+    return np.abs((fr.x - cx) / rx) ** power + np.abs((fr.y - cy) / ry) ** power <= 1
+
+
 def _paint_body(tissue: np.ndarray, fr: Frame, anat: Anatomy) -> None:
-    """Skin outline (superellipse) filled with fat; air outside."""
+    """Skin outline (superellipse), subcutaneous fat, then a muscle mass filling the rest; air outside."""
     half_w, ant, post = anat.body
     yc, ry = (ant - post) / 2, (ant + post) / 2
-    for code, shrink in ((CODE["skin"], 0.0), (CODE["fat"], 2.5)):
-        q = np.abs(fr.x / (half_w - shrink)) ** 2.5 + np.abs((fr.y - yc) / (ry - shrink)) ** 2.5
-        tissue[q <= 1] = code
+    lat, front, back = anat.subcutaneous_fat
+    tissue[_superellipse(fr, 0, yc, half_w, ry, 2.5)] = CODE["skin"]
+    tissue[_superellipse(fr, 0, yc, half_w - 2.5, ry - 2.5, 2.5)] = CODE["fat"]
+    inner_yc = yc + (back - front) / 2
+    inner_ry = ry - (front + back) / 2
+    tissue[_superellipse(fr, 0, inner_yc, half_w - lat, inner_ry, 2.2)] = CODE["muscle"]
 
 
-def _paint_muscles_and_bones(tissue: np.ndarray, fr: Frame, anat: Anatomy) -> None:
-    """Obturator internus, gluteal and adductor muscles; bony pelvis."""
+def _paint_pelvis(tissue: np.ndarray, fr: Frame, anat: Anatomy) -> None:
+    """Fat spaces carved out of the muscle mass, then the bony pelvis.
+
+    Mid-gland axial layout (|x| from the midline): fat-filled pelvic cavity
+    inside the sidewall w, obturator internus from w to ~w+21, acetabular
+    wall, femoral head; pubic bones and symphysis ``retropubic_gap`` in front
+    of the gland; ischioanal fossae (fat) posterolaterally, gluteus maximus
+    behind them, natal cleft in the midline.
+    """
     a, b, c = anat.semi_axes
-    p = anat.pelvis_half_width
+    fat = CODE["fat"]
+    w = _sidewall(anat)
+    yp = b + anat.retropubic_gap  # back of the pubic bones
+    y_back = -(b + 2 * anat.rectum[1] + 22.0)  # back of the pelvic cavity (presacral space)
+    radius, yh = anat.femoral_head
+    hx, zh = w + 21.0 + radius, 0.3 * c + 6.0
     post = anat.body[2]
-    muscle = CODE["muscle"]
-    y_sym = b + anat.retropubic_gap + 9.0
+
+    # pelvic cavity: box-like, narrowing below the apex (urogenital diaphragm / perineum)
+    box = fr.box(0.0, (yp + y_back) / 2, max(w, (yp - y_back) / 2) + 2, -c - 60, 1e4)
+    if box is not None:
+        x = fr.x[box[0], box[1]][:, :, None]
+        y = (fr.y[box[0], box[1]] - (yp + y_back) / 2)[:, :, None]
+        z = fr.z[box[2]][None, None, :]
+        width = w * np.clip(1 - 0.5 * (-c - z) / 35.0, 0.45, 1.0)
+        cavity = np.abs(x / width) ** 3 + np.abs(y / ((yp - y_back) / 2)) ** 3 <= 1
+        _paint(tissue, box, cavity, fat)
     for s in (-1.0, 1.0):
-        paint_ellipsoid(tissue, fr, (s * (p - 13), -4, 5), (14, 36, 60), muscle)  # obturator internus
-        paint_ellipsoid(tissue, fr, (s * 55, -post + 25, 10), (40, 30, 90), muscle)  # gluteus maximus
-        paint_ellipsoid(tissue, fr, (s * 42, y_sym + 8, -c - 30), (24, 22, 35), muscle)  # adductors
-        paint_ellipsoid(tissue, fr, (s * (p + 20), y_sym - 8, 15), (18, 14, 30), muscle)  # iliopsoas
-        paint_bone(tissue, fr, (s * (p + 3), 2, 15), (6, 26, 34))  # acetabulum medial wall
-        paint_bone(tissue, fr, (s * (p + 28), 5, 18), (24, 24, 24), cortex=1.5)  # femoral head
-        paint_bone(tissue, fr, (s * (p - 4), -20, -c - 10), (11, 15, 26))  # ischium
-        paint_bone(tissue, fr, (s * 13, y_sym, -0.3 * c), (12, 10, 20))  # pubic body
-        paint_bone_rod(tissue, fr, (s * 18, y_sym, c + 6), (s * (p + 2), y_sym - 22, c + 18), 8.0)  # superior ramus
-        paint_bone_rod(tissue, fr, (s * 16, y_sym - 2, -26), (s * (p - 8), -12, -c - 30), 7.0)  # inferior ramus
-    paint_ellipsoid(tissue, fr, (0, y_sym, -0.3 * c), (2.5, 9, 19), CODE["cartilage"])  # symphysis disc
-    paint_bone(tissue, fr, (0, -b - 48, c + 10), (9, 7, 30))  # coccyx / distal sacrum
+        paint_ellipsoid(tissue, fr, (s * (w - 2), -(b + 24), -c + 5), (17, 25, c + 32), fat)  # ischioanal fossa
+        paint_ellipsoid(tissue, fr, (s * (w + 10), yp + 20, zh), (13, 9, 60), fat)  # femoral triangle
+        paint_ellipsoid(tissue, fr, (s * (w + 6), yp + 18, 0), (4, 4, 1e4), CODE["artery"])  # femoral artery
+        paint_ellipsoid(tissue, fr, (s * (w + 15), yp + 17, 0), (5, 5, 1e4), CODE["vessel"])  # femoral vein
+    ncy = (y_back - 10 - post) / 2
+    paint_ellipsoid(tissue, fr, (0, ncy, 0), (7, (post + y_back + 10) / 2 + 5, 1e3), fat)  # natal cleft
+
+    for s in (-1.0, 1.0):
+        head = (s * hx, yh, zh)
+        keep_medial = (lambda xx, yy, s=s: s * xx < hx - 0.35 * radius)
+        paint_ellipsoid(tissue, fr, head, (radius + 7, radius + 7, radius + 7), CODE["cortical_bone"], keep=keep_medial)
+        paint_ellipsoid(tissue, fr, head, (radius + 5, radius + 5, radius + 5), CODE["marrow"], keep=keep_medial)
+        paint_bone(tissue, fr, (s * (w + 24), yh - 22, -0.6 * c), (8, 14, c + 10))  # ischium body
+        paint_bone(tissue, fr, (s * (w + 16), yh - 32, -c - 28), (15, 14, 20))  # ischial tuberosity
+        paint_bone(tissue, fr, head, (radius, radius, radius), cortex=1.5)  # femoral head
+        paint_bone_rod(tissue, fr, head, (s * (hx + 40), yh + 18, zh - 22), 15.0)  # femoral neck
+        paint_bone(tissue, fr, (s * 14, yp + 10, -0.2 * c), (14, 10, 26))  # pubic body
+        paint_bone_rod(tissue, fr, (s * 14, yp + 10, 0.2 * c + 12), (s * (w + 22), yh + 12, zh + 8), 9.0)  # sup. ramus
+        paint_bone_rod(tissue, fr, (s * 13, yp + 8, -0.2 * c - 20), (s * (w + 14), yh - 30, -c - 30), 7.0)  # inf. ramus
+    paint_ellipsoid(tissue, fr, (0, yp + 10, -0.2 * c), (2.5, 9, 24), CODE["cartilage"])  # symphysis disc
+    paint_bone(tissue, fr, (0, y_back - 6, c + 10), (9, 7, 30))  # coccyx
+    paint_bone(tissue, fr, (0, y_back - 16, c + 70), (45, 14, 40))  # sacrum
 
 
 def _rectum_centre(z: np.ndarray, y0: float) -> np.ndarray:
@@ -474,12 +555,12 @@ def _paint_pelvic_floor(tissue: np.ndarray, fr: Frame, anat: Anatomy, y_rect: fl
     if box is None:
         return
     frac = np.clip((fr.z[box[2]] - zlo) / (zhi - zlo), 0, 1)[None, None, :]
-    ax = anat.rectum[0] + 6 + (anat.pelvis_half_width - 14 - anat.rectum[0]) * frac
+    ax = anat.rectum[0] + 6 + (_sidewall(anat) - 6 - anat.rectum[0]) * frac
     ay = abs(y_rect) / 2 + anat.rectum[1] + 5 + 6 * frac
     x = fr.x[box[0], box[1]][:, :, None]
     y = fr.y[box[0], box[1]][:, :, None] - y_rect / 2
     r = np.sqrt((x / ax) ** 2 + (y / ay) ** 2)
-    ring = (r >= 1) & (r <= 1 + 4.0 / ay) & (y < b * 0.3 - y_rect / 2)
+    ring = (r >= 1) & (r <= 1 + 5.0 / ay) & (y < b * 0.3 - y_rect / 2)
     _paint(tissue, box, ring, CODE["muscle"], only=(CODE["fat"],))
 
 
@@ -487,6 +568,7 @@ def _paint_pelvic_organs(tissue: np.ndarray, fr: Frame, anat: Anatomy) -> None:
     """Bladder, seminal vesicles, periprostatic veins (behind the gland in paint order)."""
     a, b, c = anat.semi_axes
     bx, by, bz = anat.bladder
+    bx = min(bx, _sidewall(anat) + 8.0)
     centre = (0.0, 0.25 * b + 4, c + bz - 8)
     paint_ellipsoid(tissue, fr, centre, (bx, by, bz), CODE["bladder_wall"])
     paint_ellipsoid(tissue, fr, centre, (bx - 3, by - 3, bz - 3), CODE["urine"])
@@ -594,12 +676,53 @@ def _partial_volume(tissue: np.ndarray, lut: np.ndarray, n_sub: int) -> np.ndarr
     return out
 
 
+COIL_FLOOR = 0.25  # far-field sensitivity (external array share) relative to the body-coil scale
+COIL_D0_MM = 16.0
+
+
 def _coil_profile(fr: Frame, y_coil: float, z_coil: float, gain: float) -> np.ndarray:
-    """Receive sensitivity of the endorectal loop: steep 1/(1 + (d/d0)^2) fall-off."""
-    d2_plane = fr.x**2 + (fr.y - y_coil) ** 2
-    dz = np.clip(np.abs(fr.z_centres - z_coil) - 20.0, 0, None)
-    d0 = 14.0
-    return 1 + gain / (1 + (d2_plane[:, :, None] + (dz**2)[None, None, :]) / d0**2)
+    """Receive sensitivity of the endorectal loop: floor + gain / (1 + (d/d0)^2)^1.5.
+
+    Steep near-field fall-off (roughly a small loop's): about 10x from the
+    posterior gland to the pelvic sidewall, so the image is dark away from the coil.
+    """
+    d2_plane = (fr.x**2 + (fr.y - y_coil) ** 2) / COIL_D0_MM**2
+    dz = np.clip(np.abs(fr.z_centres - z_coil) - 20.0, 0, None) / COIL_D0_MM
+    q = 1 + d2_plane[:, :, None] + (dz**2)[None, None, :]
+    q = q * np.sqrt(q)
+    np.divide(np.float32(gain), q, out=q)
+    q += np.float32(COIL_FLOOR)
+    return q.astype(np.float32, copy=False)
+
+
+def _point_spread(image: np.ndarray, sigma_vox: float) -> None:
+    """In-place in-plane Gaussian blur (finite k-space coverage + filtering), slice by slice."""
+    if sigma_vox > 0:
+        gaussian_filter(image, sigma=(sigma_vox, sigma_vox, 0), output=image, mode="nearest", truncate=3.0)
+
+
+def _paint_septa(tissue: np.ndarray, fr: Frame, acq: Acquisition, rng: np.random.Generator) -> None:
+    """Thin fibrous septa in fat and fat planes between muscle bellies.
+
+    Both are narrow bands around the zero level of smooth random fields
+    (fine grain for fat septa, coarse for intermuscular planes), mixed slowly
+    along S-I so they change from slice to slice.
+    """
+    coords = [fr.world_x.astype(np.float64), fr.world_y.astype(np.float64)]
+    fine = [smooth_field(rng, coords, [7.0, 7.0]) for _ in range(2)]
+    coarse = [smooth_field(rng, coords, [24.0, 24.0]) for _ in range(2)]
+    fat, muscle, septum = CODE["fat"], CODE["muscle"], CODE["fibrous_septum"]
+    z = fr.z_centres.astype(np.float32)
+    mix = lambda pair, period: (  # noqa: E731
+        pair[0][:, :, None] * np.cos(z / period)[None, None, :] + pair[1][:, :, None] * np.sin(z / period)[None, None, :]
+    )
+    f, g = mix(fine, 9.0), mix(coarse, 30.0)
+    lines = (np.abs(f) < 0.06) & (f + g > -0.6)
+    planes = (np.abs(g) < 0.04) & (f > -0.3)
+    del f, g
+    view = tissue.reshape(*lines.shape, fr.n_sub)
+    view[lines[..., None] & (view == fat)] = septum
+    view[planes[..., None] & (view == muscle)] = fat
 
 
 def _bias_field(rng: np.random.Generator, fr: Frame, strength: float) -> tuple[np.ndarray, np.ndarray]:
@@ -638,8 +761,11 @@ def render(anat: Anatomy, acq: Acquisition, annotation: Annotation, rng: np.rand
     fr = make_frame(anat, acq)
     nx, ny, nz = fr.shape
     tissue = np.zeros((nx, ny, nz * fr.n_sub), np.uint8)
-    _paint_body(tissue, fr, anat)
-    _paint_muscles_and_bones(tissue, fr, anat)
+    wf = warped_frame(fr, anat)  # irregular outlines for body, muscles and bones
+    _paint_body(tissue, wf, anat)
+    _paint_pelvis(tissue, wf, anat)
+    del wf
+    _paint_septa(tissue, fr, acq, rng)
     _paint_pelvic_organs(tissue, fr, anat)
     y_rect = _paint_rectum(tissue, fr, anat)
     coil_pos = _paint_coil(tissue, fr, anat) if acq.coil else None
@@ -655,13 +781,21 @@ def render(anat: Anatomy, acq: Acquisition, annotation: Annotation, rng: np.rand
     amp = _partial_volume(tissue, np.array([t.texture for t in TISSUES], np.float32), fr.n_sub)
     image *= 1 + amp * _texture(rng, fr, acq)
     del amp
+    _point_spread(image, acq.psf_sigma_vox)
     plane, along = _bias_field(rng, fr, acq.bias_strength)
     image *= plane[:, :, None]
     image *= along[None, None, :]
+    scale = acq.intensity_scale
     if coil_pos is not None:
-        image *= _coil_profile(fr, coil_pos[0], coil_pos[1], anat.coil_gain)
+        profile = _coil_profile(fr, coil_pos[0], coil_pos[1], anat.coil_gain)
+        image *= profile
+        # scanners normalise coil images to the near field: stored gland ~ as bright as without coil
+        near = profile[box[0], box[1], box[2].start // fr.n_sub : box[2].stop // fr.n_sub]
+        near = near[label_sub[:, :, fr.n_sub // 2 :: fr.n_sub]]
+        scale /= float(np.median(near)) if near.size else float(profile.max())
+        del profile
     image = _rician(rng, image, acq.noise_level * float(signal[CODE["fat"]]))
-    image *= acq.intensity_scale
+    image *= scale
     centre = tissue[:, :, fr.n_sub // 2 :: fr.n_sub]
     return Phantom(image, label, np.ascontiguousarray(centre), fr.affine, anat)
 

@@ -71,6 +71,7 @@ class SiteProfile:
     dtype: str  # stored image dtype, "int16" or "uint16"
     annotation: Annotation
     si_coverage_mm: float = 90.0  # cranio-caudal coverage (grown for large glands)
+    psf_sigma_vox: float = 0.6  # in-plane Gaussian point-spread function, voxels (k-space filter)
     external: bool = False
     sources: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -107,13 +108,14 @@ NCI = SiteProfile(
     intensity_scale=2500.0,
     dtype="uint16",
     annotation=Annotation(capsule_margin_mm=0.8),
+    psf_sigma_vox=0.5,
     sources=(
         ("vendor, field strength", _T2),
         ("coil / no coil, half each", _T2 + " (n=50 with, n=50 without endorectal coil)"),
         ("pixel_mm, slice_mm, tr_ms, te_ms", _T2 + ", NCI columns"),
         ("volume median/min/max", _T1 + ", NCI: 65.5 (21.7-231)"),
         ("fov_mm", _CHOICE + ": 0.273 mm x 512 matrix = 140 mm"),
-        ("noise_level, bias_strength, intensity_scale, dtype", _CHOICE),
+        ("noise_level, bias_strength, intensity_scale, dtype, psf_sigma_vox", _CHOICE),
         ("annotation", _CHOICE + ": masks hug the outer capsule (capsule included)"),
     ),
 )
@@ -132,13 +134,14 @@ SUNY = SiteProfile(
     intensity_scale=1200.0,
     dtype="int16",
     annotation=Annotation(capsule_margin_mm=-1.0),
+    psf_sigma_vox=0.75,
     sources=(
         ("vendor, field strength", _T2),
         ("pixel_mm, slice_mm, tr_ms, te_ms", _T2 + ", SUNY column"),
         ("coil", "Table 2 lists no endorectal coil for SUNY"),
         ("volume median/min/max", _T1 + ", SUNY: 72.9 (26.8-210)"),
         ("fov_mm", _CHOICE + ": 0.625 mm x 256 matrix = 160 mm"),
-        ("noise_level, bias_strength, intensity_scale, dtype", _CHOICE),
+        ("noise_level, bias_strength, intensity_scale, dtype, psf_sigma_vox", _CHOICE),
         ("annotation", _CHOICE + ": masks stay ~1 mm inside the capsule"),
     ),
 )
@@ -157,6 +160,7 @@ UCLA = SiteProfile(
     intensity_scale=1800.0,
     dtype="int16",
     annotation=Annotation(trim_ends_mm=3.0),
+    psf_sigma_vox=0.6,
     sources=(
         ("vendor, field strength", _T2),
         ("pixel_mm, slice_mm, tr_ms, te_ms", _T2 + ", UCLA column"),
@@ -164,7 +168,7 @@ UCLA = SiteProfile(
         ("volume median/min/max", _T1 + ", UCLA: 52.1 (15.8-147)"),
         ("fov_mm", _CHOICE + ": 0.664 mm x 241 matrix = 160 mm"),
         ("noise_level", _CHOICE + ": highest, thin 1.5 mm slices and long TE cost SNR"),
-        ("bias_strength, intensity_scale, dtype", _CHOICE),
+        ("bias_strength, intensity_scale, dtype, psf_sigma_vox", _CHOICE),
         ("annotation", _CHOICE + ": ~3 mm of apex and of base left unlabelled"),
     ),
 )
@@ -184,12 +188,13 @@ PROSTATEX = SiteProfile(
     dtype="int16",
     annotation=Annotation(),
     external=True,
+    psf_sigma_vox=0.55,
     sources=(
         ("scanner, coil, pixel_mm, slice_mm", "PROSTATEx public description (Skyra 3T, no ERC, 0.5 mm, 3.6 mm)"),
         ("tr_ms, te_ms", "typical PROSTATEx T2 TSE header values (~5660 / ~104 ms)"),
         ("fov_mm", "PROSTATEx T2 is 384 x 384 at 0.5 mm = 192 mm"),
         ("volume median/min/max", "assumption: plausible screening population, not from the paper"),
-        ("noise_level, bias_strength, intensity_scale, dtype", _CHOICE),
+        ("noise_level, bias_strength, intensity_scale, dtype, psf_sigma_vox", _CHOICE),
         ("annotation", _CHOICE + ": gland edge, whole length"),
     ),
 )

@@ -26,7 +26,7 @@ from fedseg.data.site_profiles import SiteProfile, get_profile
 from fedseg.data.volume import Volume, save_volume
 from fedseg.errors import DataError
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SITE_JSON = "site.json"
 
 
@@ -60,6 +60,7 @@ def acquisition_for(
         noise_level=profile.noise_level,
         bias_strength=profile.bias_strength,
         intensity_scale=profile.intensity_scale,
+        psf_sigma_vox=profile.psf_sigma_vox,
     )
 
 
