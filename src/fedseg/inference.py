@@ -1,0 +1,103 @@
+"""Prediction with a model directory: the mean of the fold models' probabilities.
+
+As in the paper, an ensemble outputs the mean of its five sub-models. Each
+input is preprocessed exactly as in training (``model.json`` says how), the
+foreground probability is computed by sliding window on the prepared grid,
+mapped back onto the input's ORIGINAL grid by linear interpolation and
+thresholded at 0.5 there, so the mask lies over the input image in any
+viewer (3D Slicer, ITK-SNAP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from fedseg.data.preprocess import PrepareConfig, preprocess_case, resample_to_grid
+from fedseg.data.volume import Volume
+from fedseg.errors import FedsegError
+from fedseg.models import build_model
+from fedseg.training.checkpoint import load_weights, read_json
+
+MODEL_JSON = "model.json"
+
+
+def sliding_window_logits(
+    model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], sw_batch_size: int, overlap: float
+) -> torch.Tensor:
+    """Logits (1, C, X, Y, Z) of a (1, 1, X, Y, Z) volume; volumes smaller than a patch are padded."""
+    return sliding_window_inference(image, patch, sw_batch_size, model, overlap=overlap, mode="gaussian")
+
+
+@dataclass
+class Ensemble:
+    """Fold models of one model directory and how to apply them."""
+
+    models: list[nn.Module]
+    prepare: PrepareConfig
+    patch: tuple[int, int, int]
+    sw_batch_size: int
+    sw_overlap: float
+    record: dict[str, Any]
+
+    @classmethod
+    def load(cls, model_dir: Path, folds: list[int] | None = None) -> Ensemble:
+        """Load ``model.json`` and the fold weights it lists (all, or ``folds``).
+
+        Raises:
+            FedsegError: missing/invalid model.json, no trained fold, weights that do not fit.
+        """
+        model_dir = Path(model_dir)
+        path = model_dir / MODEL_JSON
+        if not path.is_file():
+            raise FedsegError(f"{model_dir}: not a model directory (no {MODEL_JSON})")
+        record = read_json(path)
+        entries = [f for f in record.get("folds", []) if folds is None or f["fold"] in folds]
+        if not entries:
+            raise FedsegError(f"{path}: no trained fold models" + (f" among folds {folds}" if folds else ""))
+        models = []
+        for entry in entries:
+            model = build_model(record["network"], in_channels=record["in_channels"], out_channels=record["out_channels"])
+            weights = load_weights(model_dir / entry["weights"])
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as exc:
+                raise FedsegError(f"{model_dir / entry['weights']}: weights do not fit {record['network']}") from exc
+            models.append(model.eval())
+        inference = record["inference"]
+        return cls(
+            models,
+            PrepareConfig(**record["preprocessing"]),
+            tuple(inference["patch_size"]),
+            int(inference["sw_batch_size"]),
+            float(inference["sw_overlap"]),
+            record,
+        )
+
+    @torch.no_grad()
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """Mean foreground probability over the fold models, on the prepared grid of ``image``."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        total = np.zeros(image.shape, dtype=np.float32)
+        for model in self.models:
+            logits = sliding_window_logits(model, tensor, self.patch, self.sw_batch_size, self.sw_overlap)
+            total += torch.softmax(logits, dim=1)[0, 1].numpy()
+        return total / len(self.models)
+
+    def predict_prepared(self, image: Volume, original_affine: np.ndarray, original_shape: tuple[int, int, int]) -> np.ndarray:
+        """Mask (uint8) on the original grid for an already prepared image."""
+        probability = self.probability(image.array)
+        on_original = resample_to_grid(probability, image.affine, original_affine, original_shape, order=1)
+        return (on_original > 0.5).astype(np.uint8)
+
+    def predict(self, image: Volume) -> Volume:
+        """Mask on the original grid of a raw (unprepared) image."""
+        prepared, _ = preprocess_case(image, None, self.prepare)
+        mask = self.predict_prepared(prepared, image.affine, image.shape)
+        return Volume(mask, image.affine)

@@ -1,0 +1,108 @@
+"""Training hyperparameters: one frozen dataclass, readable from TOML.
+
+Defaults follow the paper where it says something (soft Dice, Adam,
+validation-Dice-driven learning-rate decay, BigAug, crops balanced by
+foreground/background) and are sized for a CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.errors import FedsegError
+from fedseg.models import check_patch, network_spec
+from fedseg.training.augment import AugmentConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (with the data and the seed).
+
+    Attributes:
+        network: registered network name (see :mod:`fedseg.models`).
+        epochs: local epochs (the paper: 300).
+        learning_rate: Adam's initial learning rate.
+        batch_size: patches per optimiser step.
+        patch_size: crop size in voxels; None = the network's default.
+        samples_per_volume: crops drawn from each training case per epoch.
+        pos_neg_ratio: foreground-centred to background-centred crops.
+        lr_patience, lr_factor, min_lr: ReduceLROnPlateau on validation Dice (mode max).
+        sw_batch_size, sw_overlap: sliding-window validation/inference.
+        seed: initialisation, crop and augmentation randomness.
+        threads: torch intra-op threads (None = all cores).
+        augment: the BigAug stack.
+    """
+
+    network: str = "unet-small"
+    epochs: int = 40
+    learning_rate: float = 2e-3
+    batch_size: int = 4
+    patch_size: tuple[int, int, int] | None = None
+    samples_per_volume: int = 2
+    pos_neg_ratio: float = 1.0
+    lr_patience: int = 5
+    lr_factor: float = 0.5
+    min_lr: float = 1e-5
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+    seed: int = 0
+    threads: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        network_spec(self.network)
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+            check_patch(self.network, self.patch)
+        for name in ("epochs", "batch_size", "samples_per_volume", "sw_batch_size"):
+            if getattr(self, name) < 1:
+                raise FedsegError(f"training option {name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise FedsegError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return self.patch_size or network_spec(self.network).default_patch
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-shaped (tuples as lists), so it compares equal to what a sidecar stores."""
+        data = asdict(self)
+        data["patch_size"] = list(self.patch)
+        return json.loads(json.dumps(data))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a plain dict (TOML table or JSON sidecar); unknown keys are errors."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FedsegError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
+        augment = data.pop("augment", {}) or {}
+        aug_known = {f.name for f in dataclasses.fields(AugmentConfig)}
+        if bad := sorted(set(augment) - aug_known):
+            raise FedsegError(f"{source}: unknown augment option(s) {bad}")
+        augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
+        if isinstance(data.get("patch_size"), list):
+            data["patch_size"] = tuple(data["patch_size"])
+        try:
+            return cls(**data, augment=AugmentConfig(**augment))
+        except TypeError as exc:
+            raise FedsegError(f"{source}: {exc}") from exc
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """Read the ``[train]`` table of a TOML file (or the whole file when it has none)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
+    return TrainConfig.from_dict(data.get("train", data), source=str(path))

@@ -1,0 +1,229 @@
+"""The local training loop: epochs of :class:`LocalTrainer`, checkpoints, metrics, resume.
+
+A model directory holds one folder per fold plus ``model.json``::
+
+    MODEL_DIR/model.json                 how to use the model (network, preprocessing, folds)
+    MODEL_DIR/fold<k>/best.safetensors   weights with the best validation Dice (+ best.json)
+    MODEL_DIR/fold<k>/last.*             weights, optimiser, scheduler after the last epoch
+    MODEL_DIR/fold<k>/metrics.jsonl|csv  one row per epoch
+
+Training a fold whose ``last`` checkpoint exists continues after its epoch
+(same configuration and data required), so an interrupted run loses at most
+the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg import __version__
+from fedseg.data.preprocess import PrepareConfig
+from fedseg.errors import FedsegError
+from fedseg.models import build_model
+from fedseg.training.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
+from fedseg.training.config import TrainConfig
+from fedseg.training.data import CaseArrays, PreparedSite, SiteData
+from fedseg.training.engine import EpochResult, LocalTrainer
+
+MODEL_FORMAT = 1
+MODEL_JSON = "model.json"
+METRIC_FIELDS = ("epoch", "train_loss", "val_dice", "learning_rate", "seconds")
+
+
+@dataclass(frozen=True)
+class FoldOutcome:
+    """Summary of one fold's training."""
+
+    fold: int
+    best_val_dice: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    resumed_from: int  # 0 when started fresh
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The cases one model trains and validates on (one site, or several pooled)."""
+
+    name: str
+    train: list[CaseArrays]
+    val: list[CaseArrays]
+    fingerprint: str
+    sources: list[dict[str, str]]
+
+
+def fold_training_set(site: PreparedSite, data: SiteData, fold: int) -> TrainingSet:
+    """Training and validation cases of ``fold`` at one site."""
+    split = site.require_splits().fold(fold)
+    return TrainingSet(
+        site.name,
+        data.cases(split.train),
+        data.cases(split.val),
+        data.fingerprint(split.train + split.val),
+        [{"site": site.name, "source": str(site.source)}],
+    )
+
+
+class MetricsLog:
+    """Per-epoch metrics as JSONL and CSV (and TensorBoard when asked)."""
+
+    def __init__(self, folder: Path, tensorboard: bool = False) -> None:
+        self.jsonl, self.csv = folder / "metrics.jsonl", folder / "metrics.csv"
+        self._writer = _tensorboard_writer(folder) if tensorboard else None
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows of epochs not covered by the checkpoint being resumed."""
+        rows = [r for r in self.rows() if r["epoch"] <= epoch]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._rewrite_csv(rows)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.jsonl.is_file():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def append(self, result: EpochResult) -> None:
+        row = {name: getattr(result, name) for name in METRIC_FIELDS}
+        with self.jsonl.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self._rewrite_csv(self.rows())
+        if self._writer is not None:
+            for name in METRIC_FIELDS[1:]:
+                self._writer.add_scalar(name, row[name], result.epoch)
+            self._writer.flush()
+
+    def _rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
+        with self.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise FedsegError("TensorBoard logging needs the tensorboard package: pip install 'fedseg[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Config fields that must match to resume (more epochs may be asked for)."""
+    return {k: v for k, v in config.items() if k != "epochs"}
+
+
+def _resume(trainer: LocalTrainer, fold_dir: Path, config: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
+    """Restore the trainer from ``last`` if present; returns its sidecar."""
+    if not (fold_dir / "last.json").is_file():
+        return None
+    weights, sidecar, optimizer = load_checkpoint(fold_dir, "last")
+    if _comparable(sidecar["config"]) != _comparable(config.to_dict()):
+        raise FedsegError(f"{fold_dir}: holds a run with another configuration; train into a new --out folder")
+    if sidecar["data_fingerprint"] != fingerprint:
+        raise FedsegError(f"{fold_dir}: holds a run on other data (fingerprint differs); train into a new --out folder")
+    if optimizer is None:
+        raise FedsegError(f"{fold_dir}/last.json: no optimiser state; cannot resume")
+    trainer.restore(weights, optimizer, sidecar["scheduler"], sidecar["epoch"])
+    return sidecar
+
+
+def train_fold(
+    training: TrainingSet,
+    fold_dir: Path,
+    config: TrainConfig,
+    *,
+    fold: int = 0,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    tensorboard: bool = False,
+) -> FoldOutcome:
+    """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs."""
+    start = time.perf_counter()
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    trainer = LocalTrainer(build_model(config.network, seed=config.seed), training.train, training.val, config)
+    previous = _resume(trainer, fold_dir, config, training.fingerprint)
+    log = MetricsLog(fold_dir, tensorboard)
+    best_dice, best_epoch = -1.0, 0
+    if previous is not None:
+        log.truncate_after(previous["epoch"])
+        best_dice, best_epoch = previous["best_val_dice"], previous["best_epoch"]
+    resumed_from = trainer.epoch
+    sidecar_base = {
+        "fedseg_version": __version__,
+        "config": config.to_dict(),
+        "data_fingerprint": training.fingerprint,
+        "trained_on": training.sources,
+        "train_cases": [c.case_id for c in training.train],
+        "val_cases": [c.case_id for c in training.val],
+    }
+    while trainer.epoch < config.epochs:
+        result = trainer.run_epoch()
+        log.append(result)
+        metrics = {"epoch": result.epoch, "val_dice": result.val_dice, "train_loss": result.train_loss}
+        if result.val_dice > best_dice:
+            best_dice, best_epoch = result.val_dice, result.epoch
+            save_checkpoint(fold_dir, "best", result.weights, {**sidecar_base, **metrics})
+        save_checkpoint(
+            fold_dir,
+            "last",
+            result.weights,
+            {**sidecar_base, **metrics, "best_val_dice": best_dice, "best_epoch": best_epoch, "scheduler": trainer.scheduler_state()},
+            optimizer_state=trainer.optimizer.state_dict(),
+        )
+        if on_epoch is not None:
+            on_epoch(result)
+    return FoldOutcome(fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from)
+
+
+def model_record(config: TrainConfig, prepare: PrepareConfig, trained_on: list[dict[str, str]]) -> dict[str, Any]:
+    """The content of ``model.json`` before any fold is trained."""
+    return {
+        "format": MODEL_FORMAT,
+        "fedseg_version": __version__,
+        "network": config.network,
+        "in_channels": 1,
+        "out_channels": 2,
+        "preprocessing": asdict(prepare),
+        "inference": {"patch_size": list(config.patch), "sw_batch_size": config.sw_batch_size, "sw_overlap": config.sw_overlap},
+        "ensemble": "mean of the fold models' softmax probabilities, threshold 0.5",
+        "train_config": config.to_dict(),
+        "trained_on": trained_on,
+        "folds": [],
+    }
+
+
+def open_model_dir(model_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Create ``model.json`` or check that an existing one describes the same model."""
+    path = Path(model_dir) / MODEL_JSON
+    if path.is_file():
+        existing = read_json(path)
+        for key in ("network", "preprocessing", "trained_on"):
+            if existing.get(key) != record[key]:
+                raise FedsegError(f"{path}: {key} differs from this run ({existing.get(key)} vs {record[key]}); use another --out")
+        return existing
+    write_json(path, record)
+    return record
+
+
+def record_fold(model_dir: Path, outcome: FoldOutcome) -> None:
+    """Add or replace a fold's entry in ``model.json``."""
+    path = Path(model_dir) / MODEL_JSON
+    record = read_json(path)
+    folds = [f for f in record["folds"] if f["fold"] != outcome.fold]
+    folds.append(
+        {
+            "fold": outcome.fold,
+            "weights": f"fold{outcome.fold}/best.safetensors",
+            "best_val_dice": outcome.best_val_dice,
+            "best_epoch": outcome.best_epoch,
+            "epochs": outcome.epochs,
+        }
+    )
+    record["folds"] = sorted(folds, key=lambda f: f["fold"])
+    write_json(path, record)
