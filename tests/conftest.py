@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -67,22 +69,36 @@ def make_site(tmp_path: Path) -> Callable[..., Path]:
     return factory
 
 
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Run ``fedseg ARGS...`` in-process; returns (exit code, stdout, stderr)."""
+def invoke_cli(*args: str | Path) -> tuple[int, str, str]:
+    """Run ``fedseg ARGS...`` in-process; returns (exit code, stdout, stderr). Usable from any fixture scope."""
     from fedseg.cli import console as cli_console
     from fedseg.cli.main import main
 
-    def invoke(*args: str | Path) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["fedseg", *map(str, args)])
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", ["fedseg", *map(str, args)])
         for output in (cli_console.console, cli_console.err_console):
-            monkeypatch.setattr(output, "width", 300)  # tables keep long paths on one line
-        code: int | str | None = 0
+            patch.setattr(output, "width", 300)  # tables keep long paths on one line
         try:
             main()
         except SystemExit as exc:
             code = exc.code
-        captured = capsys.readouterr()
-        return (code if isinstance(code, int) else 1), captured.out, captured.err
+    return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
 
-    return invoke
+
+@pytest.fixture
+def run_cli() -> Callable[..., tuple[int, str, str]]:
+    """``invoke_cli`` as a fixture."""
+    return invoke_cli
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: tiny networks run fastest so, and a busy 2-core machine cannot stall OpenMP."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

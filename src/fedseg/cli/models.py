@@ -74,9 +74,9 @@ def train(
 
     if fold is not None and all_folds:
         raise FedsegError("--fold and --all-folds exclude each other")
-    _threads(threads)
     base = load_train_config(config) if config else TrainConfig()
-    overrides = {k: v for k, v in {"epochs": epochs, "network": network, "seed": seed}.items() if v is not None}
+    overrides = {"epochs": epochs, "network": network, "seed": seed, "threads": threads}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     train_config = base.replace(**overrides)
     prepare = _prepare_config(config, spacing)
     site = _resolve(site_dir, prepare, cache)

@@ -47,10 +47,13 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise FedsegError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
 
 
+FLOAT_TAG = "$float"  # {"$float": "-inf"}: unambiguous, a plain string "inf" stays a string
+
+
 def _json_safe(value: Any) -> Any:
-    """Non-finite floats as strings: strict JSON has no Infinity (the scheduler's mode_worse is -inf)."""
+    """Non-finite floats tagged: strict JSON has no Infinity (the scheduler's mode_worse is -inf)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # 'inf', '-inf', 'nan'
+        return {FLOAT_TAG: repr(value)}  # 'inf', '-inf', 'nan'
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -59,8 +62,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def _json_restore(value: Any) -> Any:
-    if value in ("inf", "-inf", "nan"):
-        return float(value)
+    if isinstance(value, dict) and set(value) == {FLOAT_TAG} and value[FLOAT_TAG] in ("inf", "-inf", "nan"):
+        return float(value[FLOAT_TAG])
     if isinstance(value, dict):
         return {k: _json_restore(v) for k, v in value.items()}
     if isinstance(value, list):

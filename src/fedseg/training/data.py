@@ -82,7 +82,7 @@ def resolve_site(
     return PreparedSite(source.resolve().name, source, prepared, splits)
 
 
-def _pad_to(array: np.ndarray, size: tuple[int, int, int], value: float) -> np.ndarray:
+def pad_to(array: np.ndarray, size: tuple[int, int, int], value: float) -> np.ndarray:
     """Pad (symmetrically) each spatial axis up to ``size``; crops need a volume at least a patch big."""
     pads = [(0, 0)] + [((max(s - n, 0)) // 2, max(s - n, 0) - max(s - n, 0) // 2) for n, s in zip(array.shape[1:], size)]
     if not any(p for pair in pads for p in pair):
@@ -108,8 +108,8 @@ class SiteData:
             image_array = image.array.astype(np.float32)[None]
             self._cases[case_id] = CaseArrays(
                 case_id,
-                _pad_to(image_array, self.min_size, float(image_array.min())),
-                _pad_to(label.array.astype(np.float32)[None], self.min_size, 0.0),
+                pad_to(image_array, self.min_size, float(image_array.min())),
+                pad_to(label.array.astype(np.float32)[None], self.min_size, 0.0),
                 image.affine,
             )
         return self._cases[case_id]

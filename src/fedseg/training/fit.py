@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedseg import __version__
 from fedseg.data.preprocess import PrepareConfig
@@ -115,8 +118,8 @@ def _tensorboard_writer(folder: Path):
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """Config fields that must match to resume (more epochs may be asked for)."""
-    return {k: v for k, v in config.items() if k != "epochs"}
+    """Config fields that must match to resume (more epochs and other thread counts are fine)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "threads")}
 
 
 def _resume(trainer: LocalTrainer, fold_dir: Path, config: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
@@ -145,13 +148,15 @@ def train_fold(
 ) -> FoldOutcome:
     """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs."""
     start = time.perf_counter()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     fold_dir.mkdir(parents=True, exist_ok=True)
     trainer = LocalTrainer(build_model(config.network, seed=config.seed), training.train, training.val, config)
     previous = _resume(trainer, fold_dir, config, training.fingerprint)
     log = MetricsLog(fold_dir, tensorboard)
+    log.truncate_after(trainer.epoch)  # rows written after the checkpoint (or before any) are stale
     best_dice, best_epoch = -1.0, 0
     if previous is not None:
-        log.truncate_after(previous["epoch"])
         best_dice, best_epoch = previous["best_val_dice"], previous["best_epoch"]
     resumed_from = trainer.epoch
     sidecar_base = {
@@ -166,7 +171,8 @@ def train_fold(
         result = trainer.run_epoch()
         log.append(result)
         metrics = {"epoch": result.epoch, "val_dice": result.val_dice, "train_loss": result.train_loss}
-        if result.val_dice > best_dice:
+        # without validation cases (NaN) the latest epoch is the best one known
+        if math.isnan(result.val_dice) or result.val_dice > best_dice:
             best_dice, best_epoch = result.val_dice, result.epoch
             save_checkpoint(fold_dir, "best", result.weights, {**sidecar_base, **metrics})
         save_checkpoint(
