@@ -69,7 +69,7 @@ def monai_epoch(model, loader, optimizer, loss_fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up epoch)")
+    parser.add_argument("--epochs", type=int, default=6, help="timed epochs per loop (after one warm-up epoch)")
     parser.add_argument("--spacing", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "training_throughput.json")

@@ -333,3 +333,10 @@ def test_sidecar_strings_that_look_like_floats_stay_strings(tmp_path):
     data = {"train_cases": ["nan", "case01"], "trained_on": [{"site": "inf"}], "best": float("-inf")}
     write_json(tmp_path / "x.json", data)
     assert read_json(tmp_path / "x.json") == data
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("unet-small", 0.1e6, 0.2e6), ("ahnet", 37e6, 39e6)])
+def test_network_sizes_match_the_documentation(name, low, high):
+    """`ahnet` is the paper's 38 M-parameter 3-D AH-Net; `unet-small` stays CPU-sized."""
+    parameters = sum(p.numel() for p in build_model(name).parameters())
+    assert low < parameters < high

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +123,7 @@ class LocalTrainer:
         """One pass over the training cases; returns the mean loss."""
         self.model.train()
         losses = []
-        for images, labels in self._prefetched(self._batches(self.epoch)):
+        for images, labels in self._batches(self.epoch):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss(self.model(images), labels, self.model)
             loss.backward()
@@ -168,15 +167,6 @@ class LocalTrainer:
                     pending = []
         if pending:
             yield _stack(pending)
-
-    @staticmethod
-    def _prefetched(batches: Iterator) -> Iterator:
-        """Prepare the next batch in a thread while the network trains on this one."""
-        with ThreadPoolExecutor(max_workers=1) as worker:
-            future = worker.submit(next, batches, None)
-            while (batch := future.result()) is not None:
-                future = worker.submit(next, batches, None)
-                yield batch
 
     # ---------------------------------------------------------------- state
 
