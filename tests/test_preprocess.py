@@ -21,7 +21,6 @@ from fedseg.data.preprocess import (
 )
 from fedseg.data.splits import load_splits
 from fedseg.data.volume import Volume, load_volume
-from fedseg.errors import DataError
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

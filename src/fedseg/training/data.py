@@ -84,9 +84,10 @@ def resolve_site(
 
 def pad_to(array: np.ndarray, size: tuple[int, int, int], value: float) -> np.ndarray:
     """Pad (symmetrically) each spatial axis up to ``size``; crops need a volume at least a patch big."""
-    pads = [(0, 0)] + [((max(s - n, 0)) // 2, max(s - n, 0) - max(s - n, 0) // 2) for n, s in zip(array.shape[1:], size)]
-    if not any(p for pair in pads for p in pair):
+    missing = [max(target - n, 0) for n, target in zip(array.shape[1:], size, strict=True)]
+    if not any(missing):
         return array
+    pads = [(0, 0)] + [(m // 2, m - m // 2) for m in missing]
     return np.pad(array, pads, mode="constant", constant_values=value)
 
 
