@@ -1,0 +1,1 @@
+"""Federation: I/O-free protocol, aggregation strategies, transports."""

@@ -1,0 +1,475 @@
+"""Aggregation strategies: hand-computed rounds, update checks and hypothesis properties."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedseg.errors import FedsegError
+from fedseg.federation.strategies import (
+    AGGREGATORS,
+    AdamOptions,
+    Aggregator,
+    DiceWeighted,
+    FedAdam,
+    RoundResult,
+    SampleWeighted,
+    Uniform,
+    Update,
+    UpdateRejected,
+    make_aggregator,
+    validate_update,
+)
+
+ALL_AGGREGATORS: list[Callable[[], Aggregator]] = [DiceWeighted, SampleWeighted, Uniform, FedAdam]
+
+
+def model(w: list[float], b: float = 0.0, steps: int = 0) -> dict[str, np.ndarray]:
+    """A tiny state dict: a float32 vector, a float32 scalar, an int64 BatchNorm counter."""
+    return {
+        "conv.weight": np.array(w, dtype=np.float32),
+        "conv.bias": np.array(b, dtype=np.float32),
+        "bn.num_batches_tracked": np.array(steps, dtype=np.int64),
+    }
+
+
+def update(site: str, weights: dict[str, np.ndarray], dice: float = 0.5, n: int = 10) -> Update:
+    return Update(site=site, weights=weights, num_samples=n, val_dice=dice)
+
+
+def run_round(aggregator: Aggregator, global_weights: dict[str, np.ndarray], updates: list[Update]) -> RoundResult:
+    aggregator.start_round(global_weights)
+    for u in updates:
+        aggregator.add(u)
+    return aggregator.finish()
+
+
+GLOBAL = model([0.0, 0.0])
+THREE_SITES = [
+    update("nci", model([1.0, 2.0], b=1.0, steps=5), dice=0.8, n=30),
+    update("suny", model([3.0, 0.0], b=2.0, steps=7), dice=0.6, n=10),
+    update("ucla", model([0.0, 4.0], b=4.0, steps=9), dice=0.6, n=60),
+]
+
+
+# --- hand-computed rounds -------------------------------------------------------------------------
+
+
+def test_dice_weighted_by_hand() -> None:
+    # weights 0.8, 0.6, 0.6 -> 0.4, 0.3, 0.3
+    # conv.weight: 0.4*[1,2] + 0.3*[3,0] + 0.3*[0,4] = [1.3, 2.0]; bias: 0.4 + 0.6 + 1.2 = 2.2
+    result = run_round(DiceWeighted(), GLOBAL, THREE_SITES)
+    assert result.site_weights == pytest.approx({"nci": 0.4, "suny": 0.3, "ucla": 0.3})
+    assert result.raw_weights == {"nci": 0.8, "suny": 0.6, "ucla": 0.6}
+    assert result.sites == ["nci", "suny", "ucla"]
+    np.testing.assert_allclose(result.weights["conv.weight"], [1.3, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(result.weights["conv.bias"], 2.2, rtol=1e-6)
+    assert result.weights["conv.weight"].dtype == np.float32
+    assert all(isinstance(a, np.ndarray) for a in result.weights.values())  # 0-d tensors too
+    assert result.weights["bn.num_batches_tracked"] == 5  # from nci, the heaviest site
+    assert result.notes == []
+
+
+def test_sample_weighted_by_hand() -> None:
+    # 30, 10, 60 samples -> 0.3, 0.1, 0.6
+    # conv.weight: 0.3*[1,2] + 0.1*[3,0] + 0.6*[0,4] = [0.6, 3.0]; bias: 0.3 + 0.2 + 2.4 = 2.9
+    result = run_round(SampleWeighted(), GLOBAL, THREE_SITES)
+    assert result.site_weights == pytest.approx({"nci": 0.3, "suny": 0.1, "ucla": 0.6})
+    np.testing.assert_allclose(result.weights["conv.weight"], [0.6, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(result.weights["conv.bias"], 2.9, rtol=1e-6)
+    assert result.weights["bn.num_batches_tracked"] == 9  # from ucla
+
+
+def test_uniform_by_hand() -> None:
+    # conv.weight: ([1,2] + [3,0] + [0,4]) / 3 = [4/3, 2]; bias: 7/3
+    result = run_round(Uniform(), GLOBAL, THREE_SITES)
+    assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
+    np.testing.assert_allclose(result.weights["conv.weight"], [4 / 3, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(result.weights["conv.bias"], 7 / 3, rtol=1e-6)
+    # all tie: the integer buffer comes from the alphabetically first site
+    assert result.weights["bn.num_batches_tracked"] == 5
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+def test_site_weights_sum_to_one(factory: Callable[[], Aggregator]) -> None:
+    result = run_round(factory(), GLOBAL, THREE_SITES)
+    assert math.fsum(result.site_weights.values()) == pytest.approx(1.0)
+
+
+def test_add_returns_raw_weight() -> None:
+    for aggregator, expected in [(DiceWeighted(), 0.8), (SampleWeighted(), 30.0), (Uniform(), 1.0)]:
+        aggregator.start_round(GLOBAL)
+        assert aggregator.add(THREE_SITES[0]) == expected
+
+
+def test_all_zero_dice_falls_back_to_uniform_with_note() -> None:
+    updates = [update(u.site, u.weights, dice=0.0) for u in THREE_SITES]
+    result = run_round(DiceWeighted(), GLOBAL, updates)
+    assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
+    assert result.raw_weights == {"nci": 0.0, "suny": 0.0, "ucla": 0.0}
+    np.testing.assert_allclose(result.weights["conv.weight"], [4 / 3, 2.0], rtol=1e-6)
+    assert len(result.notes) == 1 and "uniformly" in result.notes[0]
+
+
+def test_zero_dice_sites_drop_out_once_a_positive_dice_arrives() -> None:
+    # Zero-Dice sites first (summed uniformly for a possible fallback), then one real weight.
+    updates = [update("a", model([8.0, 8.0]), dice=0.0), update("b", model([2.0, 4.0]), dice=0.5)]
+    updates.append(update("c", model([9.0, 9.0]), dice=0.0))
+    result = run_round(DiceWeighted(), GLOBAL, updates)
+    np.testing.assert_allclose(result.weights["conv.weight"], [2.0, 4.0])
+    assert result.site_weights == {"a": 0.0, "b": 1.0, "c": 0.0}
+    assert result.notes == []
+
+
+def test_integer_buffers_are_not_averaged() -> None:
+    g = model([0.0, 0.0]) | {"mask": np.array([True, False])}
+    a = update("a", model([1.0, 1.0], steps=10) | {"mask": np.array([True, True])}, dice=0.9)
+    b = update("b", model([1.0, 1.0], steps=21) | {"mask": np.array([False, False])}, dice=0.1)
+    for order in ([a, b], [b, a]):
+        result = run_round(DiceWeighted(), g, order)
+        assert result.weights["bn.num_batches_tracked"] == 10  # not 11 (the weighted mean)
+        assert result.weights["bn.num_batches_tracked"].dtype == np.int64
+        np.testing.assert_array_equal(result.weights["mask"], [True, True])
+        assert result.weights["mask"].dtype == np.bool_
+
+
+def test_result_does_not_alias_the_updates() -> None:
+    u = update("a", model([1.0, 2.0], steps=3))
+    result = run_round(Uniform(), GLOBAL, [u])
+    u.weights["bn.num_batches_tracked"][...] = 99
+    u.weights["conv.weight"][...] = 99
+    assert result.weights["bn.num_batches_tracked"] == 3
+    np.testing.assert_array_equal(result.weights["conv.weight"], [1.0, 2.0])
+
+
+# --- rejected updates -----------------------------------------------------------------------------
+
+
+def _with(**changes: np.ndarray | None) -> dict[str, np.ndarray]:
+    weights = model([1.0, 2.0], b=1.0, steps=3)
+    for name, value in changes.items():
+        if value is None:
+            del weights[name]
+        else:
+            weights[name] = value
+    return weights
+
+
+BAD_UPDATES = {
+    "nan": (update("bad", _with(**{"conv.weight": np.array([np.nan, 1.0], np.float32)})), "non-finite"),
+    "inf": (update("bad", _with(**{"conv.bias": np.array(np.inf, np.float32)})), "non-finite"),
+    "shape": (update("bad", _with(**{"conv.weight": np.zeros(3, np.float32)})), "shape (3,)"),
+    "float dtype": (update("bad", _with(**{"conv.weight": np.zeros(2, np.float64)})), "dtype float64"),
+    "int dtype": (update("bad", _with(**{"bn.num_batches_tracked": np.array(3, np.int32)})), "dtype int32"),
+    "not an array": (update("bad", _with(**{"conv.weight": [1.0, 2.0]})), "not a numpy"),  # type: ignore[dict-item]
+    "none": (update("bad", _with(**{"conv.bias": None}) | {"conv.bias": None}), "NoneType"),  # type: ignore[dict-item]
+    "missing": (update("bad", _with(**{"conv.bias": None})), "missing tensors: conv.bias"),
+    "extra": (update("bad", _with(**{"head.weight": np.zeros(1, np.float32)})), "unexpected tensors: head.weight"),
+    "dice < 0": (update("bad", _with(), dice=-0.1), "val_dice"),
+    "dice > 1": (update("bad", _with(), dice=1.5), "val_dice"),
+    "dice nan": (update("bad", _with(), dice=float("nan")), "val_dice"),
+    "dice bool": (update("bad", _with(), dice=True), "val_dice"),  # type: ignore[arg-type]
+    "samples 0": (update("bad", _with(), n=0), "num_samples"),
+    "samples < 0": (update("bad", _with(), n=-4), "num_samples"),
+    "samples float": (update("bad", _with(), n=3.0), "num_samples"),  # type: ignore[arg-type]
+    "metrics": (Update("bad", _with(), 10, 0.5, metrics={"loss": "low"}), "metrics"),  # type: ignore[dict-item]
+}
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+@pytest.mark.parametrize("case", BAD_UPDATES, ids=str)
+def test_bad_update_is_rejected_and_leaves_the_sum_untouched(factory: Callable[[], Aggregator], case: str) -> None:
+    bad, reason = BAD_UPDATES[case]
+    good = update("good", model([5.0, 6.0], b=2.0, steps=4), dice=0.7)
+    aggregator = factory()
+    aggregator.start_round(GLOBAL)
+    aggregator.add(good)
+    with pytest.raises(UpdateRejected, match=r"site 'bad'") as error:
+        aggregator.add(bad)
+    assert error.value.site == "bad"
+    assert reason in error.value.reason
+    result = aggregator.finish()
+    expected = run_round(factory(), GLOBAL, [good])
+    assert result.sites == ["good"]
+    for name, array in expected.weights.items():
+        np.testing.assert_array_equal(result.weights[name], array)
+
+
+def test_validate_update_modifies_nothing() -> None:
+    weights = _with(**{"conv.weight": np.array([np.nan, 1.0], np.float32)})
+    before = {n: a.copy() for n, a in weights.items()}
+    bad = update("bad", weights)
+    with pytest.raises(UpdateRejected):
+        validate_update(GLOBAL, bad)
+    assert bad.weights is weights and list(weights) == list(before)
+    for name, array in before.items():
+        np.testing.assert_array_equal(weights[name], array)
+        assert weights[name].dtype == array.dtype
+    validate_update(GLOBAL, update("ok", model([1.0, 2.0])))  # a good one passes
+
+
+def test_rejection_lists_all_missing_and_extra_names() -> None:
+    weights = {"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)}
+    with pytest.raises(UpdateRejected) as error:
+        validate_update(GLOBAL, update("x", weights, dice=2.0))
+    message = str(error.value)
+    for text in ("'x'", "conv.weight", "conv.bias", "bn.num_batches_tracked", "a, b", "val_dice"):
+        assert text in message
+
+
+def test_a_site_cannot_contribute_twice() -> None:
+    aggregator = Uniform()
+    aggregator.start_round(GLOBAL)
+    aggregator.add(THREE_SITES[0])
+    with pytest.raises(UpdateRejected, match="already contributed"):
+        aggregator.add(THREE_SITES[0])
+    assert aggregator.finish().sites == ["nci"]
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+def test_finish_without_updates_raises(factory: Callable[[], Aggregator]) -> None:
+    aggregator = factory()
+    aggregator.start_round(GLOBAL)
+    with pytest.raises(FedsegError, match="no update"):
+        aggregator.finish()
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+def test_add_or_finish_without_a_round_raises(factory: Callable[[], Aggregator]) -> None:
+    aggregator = factory()
+    with pytest.raises(FedsegError, match="start_round"):
+        aggregator.add(THREE_SITES[0])
+    with pytest.raises(FedsegError, match="start_round"):
+        aggregator.finish()
+    run_round(aggregator, GLOBAL, THREE_SITES)
+    with pytest.raises(FedsegError, match="start_round"):  # finish() closes the round
+        aggregator.add(THREE_SITES[0])
+
+
+def test_all_zero_weights_raise_without_fallback() -> None:
+    class Zero(Uniform):
+        name = "zero"
+
+        def site_weight(self, update: Update) -> float:
+            return 0.0
+
+    with pytest.raises(FedsegError, match="every site's weight is 0"):
+        run_round(Zero(), GLOBAL, THREE_SITES)
+
+
+# --- streaming memory -----------------------------------------------------------------------------
+
+
+def test_memory_is_one_float64_accumulator_per_tensor() -> None:
+    g = {"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float16)}
+    aggregator = DiceWeighted()
+    aggregator.start_round(g)
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        weights = {n: rng.normal(size=a.shape).astype(a.dtype) for n, a in g.items()}
+        aggregator.add(update(f"site{i:02d}", weights, dice=float(rng.uniform(0.1, 1))))
+    running = aggregator._running
+    assert running is not None
+    assert set(running.sums) == {"a", "b"}
+    assert [(s.dtype, s.shape) for s in running.sums.values()] == [(np.float64, (4, 5)), (np.float64, (3,))]
+    # nothing else of model size is held: no list of updates, no other arrays
+    arrays = [v for v in vars(running).values() if isinstance(v, np.ndarray)]
+    assert arrays == [] and running.exact == {} and len(running.raw) == 50
+    assert all(isinstance(v, float) for v in running.raw.values())
+    assert not any(isinstance(v, (list, tuple)) and len(v) > 2 for v in vars(running).values())
+    held = sum(s.nbytes for s in running.sums.values())
+    assert held == (20 + 3) * 8
+    assert aggregator.finish().weights["b"].dtype == np.float16
+
+
+# --- FedAdam --------------------------------------------------------------------------------------
+
+
+def test_fedadam_one_round_by_hand() -> None:
+    g = {"w": np.array([1.0, 2.0], np.float32), "steps": np.array(1, np.int64)}
+    site = update("a", {"w": np.array([2.0, 1.0], np.float32), "steps": np.array(6, np.int64)})
+    aggregator = FedAdam()  # eta 1e-2, beta1 0.9, beta2 0.99, tau 1e-3, inner dice-weighted
+    result = run_round(aggregator, g, [site])
+    # delta = [1, -1]; m = 0.1*delta = [0.1, -0.1]; v = 0.01*delta^2 = [0.01, 0.01]
+    # step = 0.01 * 0.1 / (sqrt(0.01) + 0.001) = 0.001 / 0.101 = 0.00990099...
+    np.testing.assert_allclose(result.weights["w"], [1.0099009901, 1.9900990099], rtol=1e-7)
+    assert result.weights["w"].dtype == np.float32
+    assert result.weights["steps"] == 6  # integer buffers skip the Adam step
+    state = aggregator.state_dict()
+    np.testing.assert_allclose(state["m/w"], [0.1, -0.1])
+    np.testing.assert_allclose(state["v/w"], [0.01, 0.01])
+    assert set(state) == {"m/w", "v/w"}
+
+
+def test_fedadam_state_round_trip_gives_the_same_next_step() -> None:
+    first = FedAdam(SampleWeighted(), AdamOptions(eta=0.1))
+    g1 = run_round(first, GLOBAL, THREE_SITES).weights
+    restarted = FedAdam(SampleWeighted(), AdamOptions(eta=0.1))
+    restarted.load_state_dict(first.state_dict())
+    doubled = [{n: np.asarray(a * 2, a.dtype) for n, a in u.weights.items()} for u in THREE_SITES]
+    second_round = [update(u.site, w, u.val_dice, u.num_samples) for u, w in zip(THREE_SITES, doubled, strict=True)]
+    a = run_round(first, g1, second_round)
+    b = run_round(restarted, g1, second_round)
+    for name in a.weights:
+        np.testing.assert_array_equal(a.weights[name], b.weights[name])
+    fresh = run_round(FedAdam(SampleWeighted(), AdamOptions(eta=0.1)), g1, second_round)
+    assert not np.allclose(fresh.weights["conv.weight"], a.weights["conv.weight"])  # the moments matter
+
+
+def test_fedadam_state_is_a_copy() -> None:
+    aggregator = FedAdam()
+    run_round(aggregator, GLOBAL, THREE_SITES)
+    state = aggregator.state_dict()
+    state["m/conv.weight"][...] = 1e9
+    assert aggregator.state_dict()["m/conv.weight"].max() < 1e9
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"x/conv.weight": np.zeros(2)},
+        {"m/conv.weight": np.zeros(2)},
+        {"m/conv.weight": np.zeros(2), "v/conv.weight": np.zeros(3)},
+        {"m/conv.weight": np.zeros(2), "v/conv.weight": -np.ones(2)},
+        {"m/conv.weight": np.full(2, np.nan), "v/conv.weight": np.zeros(2)},
+    ],
+)
+def test_fedadam_rejects_bad_state(state: dict[str, np.ndarray]) -> None:
+    with pytest.raises(FedsegError, match="fedadam state"):
+        FedAdam().load_state_dict(state)
+
+
+def test_fedadam_state_for_another_model_is_refused_at_start_round() -> None:
+    aggregator = FedAdam()
+    aggregator.load_state_dict({"m/other": np.zeros(2), "v/other": np.zeros(2)})
+    with pytest.raises(FedsegError, match="moments do not match"):
+        aggregator.start_round(GLOBAL)
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+def test_make_aggregator() -> None:
+    assert set(AGGREGATORS) == {"dice-weighted", "sample-weighted", "uniform"}
+    for name, cls in AGGREGATORS.items():
+        assert type(make_aggregator(name)) is cls and cls.name == name
+    adam = make_aggregator("uniform", "fedadam", eta=0.5, tau=1e-6)
+    assert isinstance(adam, FedAdam) and isinstance(adam.inner, Uniform)
+    assert adam.options == AdamOptions(eta=0.5, tau=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "match"),
+    [
+        (("fedavg",), {}, "choose one of: dice-weighted, sample-weighted, uniform"),
+        (("uniform", "fedyogi"), {}, "choose one of: fedadam"),
+        (("uniform",), {"eta": 0.1}, "takes no options"),
+        (("uniform", "fedadam"), {"lr": 0.1}, "unknown option"),
+        (("uniform", "fedadam"), {"beta1": 1.0}, r"beta1 must be in \[0, 1\)"),
+        (("uniform", "fedadam"), {"eta": 0.0}, "eta must be a number > 0"),
+    ],
+)
+def test_make_aggregator_errors(args: tuple[str, ...], options: dict[str, float], match: str) -> None:
+    with pytest.raises(FedsegError, match=match):
+        make_aggregator(*args, **options)
+
+
+def test_strategies_import_no_torch() -> None:
+    import fedseg.federation.strategies as module
+
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    assert "import torch" not in source and "from torch" not in source
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+_floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+_shapes = {"w": (3,), "b": (2, 2), "scale": ()}
+
+
+@st.composite
+def site_updates(draw: st.DrawFn, min_sites: int = 1, max_sites: int = 5) -> list[Update]:
+    count = draw(st.integers(min_sites, max_sites))
+    updates = []
+    for i in range(count):
+        weights = {n: draw(hnp.arrays(np.float32, shape, elements=_floats)) for n, shape in _shapes.items()}
+        weights["steps"] = np.array(draw(st.integers(0, 10**6)), dtype=np.int64)
+        dice = draw(st.floats(0.0, 1.0))
+        updates.append(Update(f"site{i}", weights, draw(st.integers(1, 10**4)), dice))
+    return updates
+
+
+def _global_like(u: Update) -> dict[str, np.ndarray]:
+    return {n: np.zeros_like(a) for n, a in u.weights.items()}
+
+
+@pytest.mark.parametrize("factory", [DiceWeighted, SampleWeighted, Uniform])
+@settings(max_examples=40, deadline=None)
+@given(
+    template=site_updates(max_sites=1),
+    copies=st.integers(1, 6),
+    dices=st.lists(st.floats(0, 1), min_size=6, max_size=6),
+)
+def test_identical_updates_give_the_same_model(
+    factory: Callable[[], Aggregator], template: list[Update], copies: int, dices: list[float]
+) -> None:
+    weights = template[0].weights
+    updates = [Update(f"s{i}", weights, 1 + i, dices[i]) for i in range(copies)]
+    result = run_round(factory(), _global_like(template[0]), updates)
+    for name, array in weights.items():
+        assert result.weights[name].dtype == array.dtype
+        np.testing.assert_allclose(result.weights[name], array, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(updates=site_updates(max_sites=4))
+def test_fedadam_with_identical_updates_equal_to_the_global_stays_put(updates: list[Update]) -> None:
+    # FedAdam moves the model by its pseudo-gradient: sites returning the global model leave it unchanged.
+    g = updates[0].weights
+    same = [Update(u.site, g, u.num_samples, u.val_dice) for u in updates]
+    result = run_round(FedAdam(), g, same)
+    for name, array in g.items():
+        assert result.weights[name].dtype == array.dtype
+        np.testing.assert_array_equal(result.weights[name], array)
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+@settings(max_examples=25, deadline=None)
+@given(updates=site_updates(min_sites=2, max_sites=4), data=st.data())
+def test_order_of_arrival_does_not_matter(
+    factory: Callable[[], Aggregator], updates: list[Update], data: st.DataObject
+) -> None:
+    g = _global_like(updates[0])
+    reference = run_round(factory(), g, updates)
+    order = data.draw(st.permutations(updates))
+    shuffled = run_round(factory(), g, order)
+    assert shuffled.sites == [u.site for u in order]
+    assert shuffled.site_weights == pytest.approx(reference.site_weights)
+    for name, array in reference.weights.items():
+        np.testing.assert_allclose(shuffled.weights[name], array, rtol=1e-5, atol=1e-3)
+        assert shuffled.weights[name].dtype == array.dtype
+    np.testing.assert_array_equal(shuffled.weights["steps"], reference.weights["steps"])
+
+
+@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+@settings(max_examples=40, deadline=None)
+@given(updates=site_updates())
+def test_normalised_weights_sum_to_one_and_follow_the_raw_weights(
+    factory: Callable[[], Aggregator], updates: list[Update]
+) -> None:
+    result = run_round(factory(), _global_like(updates[0]), updates)
+    assert math.fsum(result.site_weights.values()) == pytest.approx(1.0)
+    assert all(w >= 0 for w in result.site_weights.values())
+    total = math.fsum(result.raw_weights.values())
+    if total > 0:
+        for site, raw in result.raw_weights.items():
+            assert result.site_weights[site] == pytest.approx(raw / total)
+    else:  # all-zero Dice: uniform fallback
+        assert all(w == pytest.approx(1 / len(updates)) for w in result.site_weights.values())
