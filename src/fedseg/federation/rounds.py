@@ -1,0 +1,210 @@
+"""The server's round logic as an I/O-free state machine.
+
+Events in (a site connected, an update arrived, a site failed, the round's
+deadline passed), actions out (send TRAIN to these sites, a round completed,
+the study is done, the study failed). No sockets, no clock, no torch: the
+transport layer feeds events, carries out the actions and arms the round
+timer when :attr:`ServerRounds.round_open` says a round is running — the
+websockets model of a protocol core.
+
+Rules (the [federation] issue, item 6):
+
+* the first round starts when every site of the study is connected, or —
+  once ``min_sites`` are — when the I/O layer's grace timer expires
+  (:attr:`ServerRounds.quorum_reached` tells it to arm one); later rounds
+  start right after the previous one with every connected site;
+* a site that fails, disconnects or misses the deadline is left out of that
+  round with its reason; a site that joins mid-round waits for the next one;
+* a round completes when every asked site has answered or been left out; it
+  aggregates if at least ``min_sites`` updates were accepted, otherwise the
+  study fails with a message naming every missing site and why;
+* an update the aggregator rejects (wrong tensors, NaN, Dice outside [0, 1]…)
+  counts as that site failing and never reaches the global model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from fedseg.errors import FedsegError
+from fedseg.federation.strategies import Aggregator, RoundResult, Update, UpdateRejected
+
+
+class Phase(IntEnum):
+    WAITING = 0  # fewer than min_sites connected
+    TRAINING = 1  # a round is open
+    DONE = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """Who takes part and how many must answer."""
+
+    sites: tuple[str, ...]
+    rounds: int
+    min_sites: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_sites <= len(self.sites):
+            raise FedsegError(f"min_sites must be between 1 and {len(self.sites)} (the number of sites), got {self.min_sites}")
+        if self.rounds < 1:
+            raise FedsegError(f"rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass(frozen=True)
+class SendTrain:
+    """Ask ``site`` to train round ``round`` from the current global weights."""
+
+    site: str
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundCompleted:
+    """Round ``round`` aggregated; ``left_out`` maps sites to the reason they are not in it."""
+
+    round: int
+    result: RoundResult
+    updates: dict[str, Update]
+    left_out: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StudyDone:
+    rounds: int
+
+
+@dataclass(frozen=True)
+class StudyFailed:
+    reason: str
+
+
+Action = SendTrain | RoundCompleted | StudyDone | StudyFailed
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    asked: set[str]
+    updates: dict[str, Update] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> set[str]:
+        return self.asked - set(self.updates) - set(self.left_out)
+
+
+class ServerRounds:
+    """Round state of one federated study (see the module docstring for the rules).
+
+    Args:
+        config: sites, number of rounds, quorum.
+        aggregator: folds updates into the new global model.
+        global_weights: the model at the start of ``first_round``.
+        first_round: 0 for a new study; the number of completed rounds when resuming.
+    """
+
+    def __init__(self, config: RoundsConfig, aggregator: Aggregator, global_weights: dict[str, np.ndarray], first_round: int = 0) -> None:
+        self.config = config
+        self.aggregator = aggregator
+        self.global_weights = global_weights
+        self.next_round = first_round
+        self.connected: set[str] = set()
+        self.phase = Phase.DONE if first_round >= config.rounds else Phase.WAITING
+        self._round: _OpenRound | None = None
+
+    @property
+    def quorum_reached(self) -> bool:
+        """Waiting, with at least ``min_sites`` connected: arm the grace timer for stragglers."""
+        return self.phase == Phase.WAITING and len(self.connected) >= self.config.min_sites
+
+    @property
+    def round_open(self) -> int | None:
+        """Number of the running round (the I/O layer arms its timer), or None."""
+        return self._round.number if self._round is not None else None
+
+    # ---------------------------------------------------------------- events
+
+    def site_connected(self, site: str) -> list[Action]:
+        """A site completed the handshake (identity already checked by TLS)."""
+        if site not in self.config.sites:
+            raise FedsegError(f"site {site!r} is not part of this study")
+        self.connected.add(site)
+        if self.phase == Phase.WAITING and self.connected == set(self.config.sites):
+            return self._start_round()
+        return []
+
+    def quorum_wait_expired(self) -> list[Action]:
+        """The grace period for stragglers is over: start with whoever is connected, if enough."""
+        return self._start_round() if self.quorum_reached else []
+
+    def site_failed(self, site: str, reason: str) -> list[Action]:
+        """A site disconnected or reported an error; it leaves the open round."""
+        self.connected.discard(site)
+        return self._leave_out(site, reason)
+
+    def update_received(self, site: str, update: Update) -> list[Action]:
+        """An update for the open round; rejected updates leave the site out."""
+        current = self._round
+        if current is None or site not in current.pending:
+            return []  # late or unsolicited: ignored, never aggregated
+        try:
+            self.aggregator.add(update)
+        except UpdateRejected as exc:
+            return self._leave_out(site, f"update rejected: {exc.reason}")
+        current.updates[site] = update
+        return self._maybe_complete()
+
+    def round_timed_out(self, round_number: int) -> list[Action]:
+        """The deadline of ``round_number`` passed: every site still pending is left out."""
+        current = self._round
+        if current is None or current.number != round_number:
+            return []
+        for site in sorted(current.pending):
+            current.left_out[site] = "timed out"
+        return self._maybe_complete()
+
+    # ---------------------------------------------------------------- internals
+
+    def _leave_out(self, site: str, reason: str) -> list[Action]:
+        current = self._round
+        if current is None or site not in current.pending:
+            return []
+        current.left_out[site] = reason
+        return self._maybe_complete()
+
+    def _start_round(self) -> list[Action]:
+        self.phase = Phase.TRAINING
+        self._round = _OpenRound(self.next_round, set(self.connected))
+        self.aggregator.start_round(self.global_weights)
+        return [SendTrain(site, self.next_round) for site in sorted(self.connected)]
+
+    def _maybe_complete(self) -> list[Action]:
+        current = self._round
+        if current is None or current.pending:
+            return []
+        self._round = None
+        if len(current.updates) < self.config.min_sites:
+            self.phase = Phase.FAILED
+            missing = "; ".join(f"{site}: {why}" for site, why in sorted(current.left_out.items()))
+            return [
+                StudyFailed(
+                    f"round {current.number}: {len(current.updates)} update(s) accepted, "
+                    f"min_sites is {self.config.min_sites} ({missing or 'no site answered'})"
+                )
+            ]
+        result = self.aggregator.finish()
+        self.global_weights = result.weights
+        actions: list[Action] = [RoundCompleted(current.number, result, dict(current.updates), dict(current.left_out))]
+        self.next_round = current.number + 1
+        if self.next_round >= self.config.rounds:
+            self.phase = Phase.DONE
+            return [*actions, StudyDone(self.next_round)]
+        self.phase = Phase.WAITING
+        if len(self.connected) >= self.config.min_sites:
+            actions.extend(self._start_round())
+        return actions
