@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["data"], ["data", "check"], ["data", "prepare"], ["data", "split"], ["data", "synth"], ["data", "import-dicom"], ["data", "preview"]]
+COMMANDS = [[], ["provision"], ["data"], ["data", "check"], ["data", "prepare"], ["data", "split"], ["data", "synth"], ["data", "import-dicom"], ["data", "preview"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "fedseg")

@@ -8,6 +8,7 @@ import typer
 
 from fedseg import __version__
 from fedseg.cli import data as data_commands
+from fedseg.cli import federation as federation_commands
 from fedseg.cli import models as model_commands
 from fedseg.cli.console import err_console
 from fedseg.errors import FedsegError
@@ -20,7 +21,13 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_commands.app, name="data")
-for command in (model_commands.train, model_commands.predict, model_commands.evaluate, model_commands.tables):
+for command in (
+    model_commands.train,
+    model_commands.predict,
+    model_commands.evaluate,
+    model_commands.tables,
+    federation_commands.provision,
+):
     app.command()(command)
 
 
