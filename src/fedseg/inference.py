@@ -23,9 +23,7 @@ from fedseg.data.preprocess import PrepareConfig, preprocess_case, resample_to_g
 from fedseg.data.volume import Volume
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
-from fedseg.training.checkpoint import load_weights, read_json
-
-MODEL_JSON = "model.json"
+from fedseg.training.checkpoint import MODEL_JSON, load_weights, read_json
 
 
 def sliding_window_logits(

@@ -17,7 +17,6 @@ safetensors, the rest in JSON.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedseg.errors import FedsegError
 from fedseg.federation.rounds import RoundCompleted
+from fedseg.training.checkpoint import read_json, write_json
 
 RUN_FORMAT = 1
 STATE = "state.json"
@@ -42,19 +42,6 @@ class ResumePoint:
     server_optimizer: dict[str, np.ndarray] | None
     best_round: int
     best_dice: float
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FedsegError(f"{path}: cannot read ({exc})") from exc
 
 
 def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -82,7 +69,7 @@ class RunDir:
         if root.exists() and any(root.iterdir()):
             raise FedsegError(f"{root}: not empty; to continue a run use --resume {root}, else choose a new folder")
         (root / "rounds").mkdir(parents=True, exist_ok=True)
-        _write_json(root / RUN, {"format": RUN_FORMAT, **study})
+        write_json(root / RUN, {"format": RUN_FORMAT, **study})
         return cls(root)
 
     @classmethod
@@ -97,7 +84,7 @@ class RunDir:
         return run
 
     def study(self) -> dict[str, Any]:
-        return _read_json(self.root / RUN)
+        return read_json(self.root / RUN)
 
     def round_folder(self, number: int) -> Path:
         return self.root / "rounds" / f"{number:04d}"
@@ -110,12 +97,12 @@ class RunDir:
         if server_optimizer is not None:
             _save_tensors(folder / "server_optimizer.safetensors", server_optimizer)
         dice = aggregated_dice(completed)
-        _write_json(folder / "round.json", _round_record(completed, dice))
+        write_json(folder / "round.json", _round_record(completed, dice))
         state = self.state()
         best_round, best_dice = state.get("best_round", -1), state.get("best_dice", -1.0)
         if dice > best_dice:
             best_round, best_dice = completed.round, dice
-        _write_json(
+        write_json(
             self.root / STATE,
             {"completed_rounds": completed.round + 1, "best_round": best_round, "best_dice": best_dice},
         )
@@ -123,12 +110,12 @@ class RunDir:
 
     def state(self) -> dict[str, Any]:
         path = self.root / STATE
-        return _read_json(path) if path.is_file() else {"completed_rounds": 0}
+        return read_json(path) if path.is_file() else {"completed_rounds": 0}
 
     def rounds(self) -> list[dict[str, Any]]:
         """``round.json`` of every committed round, in order (the run's history)."""
         done = self.state()["completed_rounds"]
-        return [_read_json(self.round_folder(n) / "round.json") for n in range(done)]
+        return [read_json(self.round_folder(n) / "round.json") for n in range(done)]
 
     def resume_point(self) -> ResumePoint | None:
         """The last committed round, or None when no round completed yet."""

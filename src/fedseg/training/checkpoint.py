@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from fedseg.errors import FedsegError
 
 SIDECAR_FORMAT = 1
+MODEL_JSON = "model.json"  # how to use a model directory (written by fit, read by inference)
 
 
 def _atomic(path: Path) -> Path:

@@ -29,13 +29,12 @@ from fedseg import __version__
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
-from fedseg.training.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
+from fedseg.training.checkpoint import MODEL_JSON, load_checkpoint, read_json, save_checkpoint, write_json
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import CaseArrays, PreparedSite, SiteData
 from fedseg.training.engine import EpochResult, LocalTrainer
 
 MODEL_FORMAT = 1
-MODEL_JSON = "model.json"
 METRIC_FIELDS = ("epoch", "train_loss", "val_dice", "learning_rate", "seconds")
 
 
