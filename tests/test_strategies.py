@@ -277,14 +277,14 @@ def test_memory_is_one_float64_accumulator_per_tensor() -> None:
         aggregator.add(update(f"site{i:02d}", weights, dice=float(rng.uniform(0.1, 1))))
     running = aggregator._running
     assert running is not None
-    assert set(running.sums) == {"a", "b"}
-    assert [(s.dtype, s.shape) for s in running.sums.values()] == [(np.float64, (4, 5)), (np.float64, (3,))]
+    assert set(running.means) == {"a", "b"}
+    assert [(s.dtype, s.shape) for s in running.means.values()] == [(np.float64, (4, 5)), (np.float64, (3,))]
     # nothing else of model size is held: no list of updates, no other arrays
     arrays = [v for v in vars(running).values() if isinstance(v, np.ndarray)]
     assert arrays == [] and running.exact == {} and len(running.raw) == 50
     assert all(isinstance(v, float) for v in running.raw.values())
     assert not any(isinstance(v, (list, tuple)) and len(v) > 2 for v in vars(running).values())
-    held = sum(s.nbytes for s in running.sums.values())
+    held = sum(s.nbytes for s in running.means.values())
     assert held == (20 + 3) * 8
     assert aggregator.finish().weights["b"].dtype == np.float16
 

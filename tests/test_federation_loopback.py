@@ -1,0 +1,355 @@
+"""Federation over loopback: a real server and three site clients, mutual TLS, a tiny network.
+
+Everything runs in one event loop on 127.0.0.1: the server and the clients
+are asyncio tasks; each client's epoch runs in a worker thread, as in
+production. The global model is checked against the aggregator's math
+recomputed from what the sites actually sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from fedseg.errors import FedsegError
+from fedseg.federation import wire
+from fedseg.federation.client import run_client
+from fedseg.federation.provision import Kit, load_kit, provision_study
+from fedseg.federation.rounds import RoundsConfig
+from fedseg.federation.rundir import RunDir
+from fedseg.federation.server import run_server
+from fedseg.federation.strategies import make_aggregator
+from fedseg.federation.tls import client_context
+from fedseg.federation.wire import ErrorCode, Message, MessageType
+from fedseg.models import build_model
+from fedseg.training.augment import AugmentConfig
+from fedseg.training.config import TrainConfig
+from fedseg.training.data import CaseArrays
+from fedseg.training.engine import EpochResult, LocalTrainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SITES = ("nci", "suny", "ucla")
+STUDY_TIMEOUT_S = 60.0
+Tamper = Callable[[int, EpochResult], EpochResult]
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def cube_case(index: int) -> CaseArrays:
+    """An easy case: a bright cube (its mask the label) in mild noise."""
+    rng = np.random.default_rng(index)
+    label = np.zeros((1, 24, 24, 16), np.float32)
+    x, y, z = rng.integers(4, 8, 3)
+    label[0, x : x + 10, y : y + 10, z : z + 6] = 1.0
+    image = (rng.normal(0.0, 0.3, label.shape) + 2.0 * label).astype(np.float32)
+    return CaseArrays(f"cube{index}", image, label, np.eye(4))
+
+
+CONFIG = TrainConfig(
+    patch_size=(16, 16, 8),
+    batch_size=2,
+    samples_per_volume=1,
+    sw_batch_size=2,
+    learning_rate=1e-2,
+    threads=1,
+    augment=AugmentConfig.off(),
+)
+
+
+def initial_weights() -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in build_model(CONFIG.network, seed=0).state_dict().items()}
+
+
+class RecordingTrainer:
+    """A LocalTrainer that remembers every result it returned (and may tamper with it)."""
+
+    def __init__(self, index: int, tamper: Tamper | None = None) -> None:
+        model = build_model(CONFIG.network, seed=index)
+        self.inner = LocalTrainer(model, [cube_case(index)], [cube_case(10 + index)], CONFIG)
+        self.tamper = tamper
+        self.results: list[EpochResult] = []
+
+    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None) -> EpochResult:
+        result = self.inner.run_epoch(weights)
+        if self.tamper is not None:
+            result = self.tamper(len(self.results), result)
+        self.results.append(result)
+        return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Kit]:
+    paths = provision_study("localhost", list(SITES), tmp_path_factory.mktemp("study") / "kits", study="loopback")
+    return {name: load_kit(path) for name, path in paths.items() if name != "ca"}
+
+
+@pytest.fixture(scope="module")
+def other_kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Kit]:
+    paths = provision_study("localhost", ["nci"], tmp_path_factory.mktemp("other") / "kits", study="other")
+    return {name: load_kit(path) for name, path in paths.items() if name != "ca"}
+
+
+def server_task(kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, rounds: int = 2, min_sites: int = 2):
+    config = RoundsConfig(sites=tuple(sites), rounds=rounds, min_sites=min_sites)
+    run = RunDir.create(run_dir, {"sites": list(sites), "rounds": rounds, "aggregator": "dice-weighted"})
+    return asyncio.create_task(
+        run_server(
+            kits["server"],
+            run,
+            config,
+            make_aggregator("dice-weighted"),
+            initial_weights(),
+            host="127.0.0.1",
+            port=port,
+            round_timeout_s=30.0,
+            grace_s=10.0,
+        )
+    )
+
+
+def client_task(kit: Kit, trainer: RecordingTrainer, port: int, audit: Path | None = None, retries: int = 20):
+    url = f"wss://localhost:{port}"
+    client = run_client(kit, trainer, server_url=url, audit_log=audit, retries=retries, retry_delay_s=0.1)  # type: ignore[arg-type]
+    return asyncio.create_task(client)
+
+
+async def run_study(kits, tmp_path: Path, trainers: dict[str, RecordingTrainer], rounds: int):
+    """Server plus one client per site; returns (server weights, {site: client weights})."""
+    port = free_port()
+    server = server_task(kits, tmp_path / "run", port, rounds=rounds)
+    audit = {site: tmp_path / f"{site}.audit.jsonl" for site in trainers}
+    clients = {site: client_task(kits[site], t, port, audit[site]) for site, t in trainers.items()}
+    async with asyncio.timeout(STUDY_TIMEOUT_S):
+        final = await server
+        received = {site: await task for site, task in clients.items()}
+    return final, received
+
+
+def expected_mean(updates: dict[str, EpochResult]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Dice-weighted mean of the sites' weights, the paper's rule, recomputed by hand in float64."""
+    total = sum(r.val_dice for r in updates.values())
+    assert total > 0
+    weights = {site: r.val_dice / total for site, r in updates.items()}
+    names = next(iter(updates.values())).weights.keys()
+    mean = {n: sum(weights[s] * updates[s].weights[n].double().numpy() for s in updates) for n in names}
+    return weights, mean
+
+
+def assert_round_matches(run_dir: Path, number: int, updates: dict[str, EpochResult]) -> None:
+    folder = run_dir / "rounds" / f"{number:04d}"
+    record = json.loads((folder / "round.json").read_text())
+    weights, mean = expected_mean(updates)
+    assert record["site_weights"] == pytest.approx(weights)
+    saved = load_file(str(folder / "global.safetensors"))
+    assert saved.keys() == mean.keys()
+    for name, array in saved.items():
+        assert np.allclose(array, mean[name], rtol=1e-6, atol=1e-7), name
+
+
+# ----------------------------------------------------------------- a study
+
+
+def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_path):
+    """Two rounds, three sites: every committed global model is the Dice-weighted mean of what the sites sent."""
+    trainers = {site: RecordingTrainer(i) for i, site in enumerate(SITES)}
+    final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
+
+    run_dir = tmp_path / "run"
+    assert RunDir.open(run_dir).state()["completed_rounds"] == 2
+    for number in range(2):
+        assert_round_matches(run_dir, number, {site: t.results[number] for site, t in trainers.items()})
+    last = load_file(str(run_dir / "rounds" / "0001" / "global.safetensors"))
+    for site_weights in (final, *received.values()):
+        assert site_weights.keys() == last.keys()
+        assert all(np.array_equal(site_weights[n], last[n]) for n in last)
+
+    names = sorted(initial_weights())
+    for site, trainer in trainers.items():
+        lines = [json.loads(line) for line in (tmp_path / f"{site}.audit.jsonl").read_text().splitlines()]
+        assert [line["round"] for line in lines] == [0, 1]
+        for line, result in zip(lines, trainer.results, strict=True):
+            assert line["tensors"] == names
+            assert line["scalars"] == {
+                "num_samples": result.num_samples,
+                "val_dice": pytest.approx(result.val_dice),
+                "train_loss": pytest.approx(result.train_loss),
+            }
+            assert line["bytes_sent"] > sum(t.numel() * t.element_size() for t in result.weights.values())
+
+
+def test_update_with_nan_is_left_out_and_the_others_complete_the_round(kits, tmp_path, caplog):
+    """ucla sends a NaN in round 0: rejected with a logged reason, the round aggregates nci and suny only."""
+
+    def poison_first_round(epoch: int, result: EpochResult) -> EpochResult:
+        if epoch > 0:
+            return result
+        weights = dict(result.weights)
+        name = next(iter(weights))
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[0] = math.nan
+        return dataclasses.replace(result, weights=weights)
+
+    trainers = {site: RecordingTrainer(i, poison_first_round if site == "ucla" else None) for i, site in enumerate(SITES)}
+    with caplog.at_level(logging.INFO, logger="fedseg.server"):
+        asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
+
+    run_dir = tmp_path / "run"
+    rounds = RunDir.open(run_dir).rounds()
+    assert set(rounds[0]["left_out"]) == {"ucla"}
+    assert "rejected" in rounds[0]["left_out"]["ucla"]
+    assert set(rounds[0]["site_weights"]) == {"nci", "suny"}
+    assert_round_matches(run_dir, 0, {site: trainers[site].results[0] for site in ("nci", "suny")})
+    assert set(rounds[1]["site_weights"]) == set(SITES)  # asked again next round, and accepted
+    assert any("ucla" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+
+
+class FlakyTrainer(RecordingTrainer):
+    """Fails once, at the start of round 0, with ``error`` (before any training)."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index)
+        self.error: BaseException | None = error
+
+    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None) -> EpochResult:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return super().run_epoch(weights)
+
+
+def test_site_dropping_out_is_left_out_while_quorum_holds(kits, tmp_path):
+    """ucla's client dies in round 0: the round completes with nci and suny (min_sites 2), so does round 1."""
+    trainers = {site: RecordingTrainer(i) for i, site in enumerate(SITES[:2])}
+    dying = FlakyTrainer(2, RuntimeError("disk failure at the site"))
+
+    async def scenario() -> None:
+        port = free_port()
+        server = server_task(kits, tmp_path / "run", port, rounds=2)
+        clients = [client_task(kits[site], t, port) for site, t in trainers.items()]
+        ucla = client_task(kits["ucla"], dying, port)  # type: ignore[arg-type]
+        async with asyncio.timeout(STUDY_TIMEOUT_S):
+            with pytest.raises(RuntimeError, match="disk failure"):
+                await ucla
+            await server
+            await asyncio.gather(*clients)
+
+    asyncio.run(scenario())
+    rounds = RunDir.open(tmp_path / "run").rounds()
+    assert [set(r["site_weights"]) for r in rounds] == [{"nci", "suny"}, {"nci", "suny"}]
+    assert "ucla" in rounds[0]["left_out"]
+
+
+def test_quorum_lost_stops_the_study_with_a_clear_error_on_both_sides(kits, tmp_path):
+    """min_sites 3 and ucla dies: the server raises naming ucla; the other sites exit with the server's error."""
+    trainers = {site: RecordingTrainer(i) for i, site in enumerate(SITES[:2])}
+
+    async def scenario() -> None:
+        port = free_port()
+        server = server_task(kits, tmp_path / "run", port, rounds=2, min_sites=3)
+        clients = [client_task(kits[site], t, port) for site, t in trainers.items()]
+        ucla = client_task(kits["ucla"], FlakyTrainer(2, RuntimeError("disk failure")), port)
+        async with asyncio.timeout(STUDY_TIMEOUT_S):
+            with pytest.raises(FedsegError, match=r"round 0: 2 update\(s\) accepted, min_sites is 3 \(ucla: connection lost"):
+                await server
+            for client in clients:
+                with pytest.raises(FedsegError, match="server ended the session"):
+                    await client
+            with pytest.raises(RuntimeError):
+                await ucla
+
+    asyncio.run(scenario())
+    assert RunDir.open(tmp_path / "run").state()["completed_rounds"] == 0
+
+
+def test_site_that_loses_its_connection_reconnects_and_continues(kits, tmp_path):
+    """ucla's connection drops in round 0: left out of it, it reconnects and takes part in round 1."""
+
+    def slow_first_round(epoch: int, result: EpochResult) -> EpochResult:
+        if epoch == 0:
+            time.sleep(1.0)  # leaves ucla ample time to reconnect before round 1 starts
+        return result
+
+    trainers = {site: RecordingTrainer(i, slow_first_round) for i, site in enumerate(SITES[:2])}
+    trainers["ucla"] = FlakyTrainer(2, ConnectionResetError("link down"))
+    final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
+
+    rounds = RunDir.open(tmp_path / "run").rounds()
+    assert set(rounds[0]["site_weights"]) == {"nci", "suny"}
+    assert "connection lost" in rounds[0]["left_out"]["ucla"]
+    assert set(rounds[1]["site_weights"]) == set(SITES)
+    assert all(np.array_equal(received["ucla"][n], final[n]) for n in final)
+    lines = (tmp_path / "ucla.audit.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1]
+
+
+# ----------------------------------------------------------------- refusals
+
+
+async def hello_with_versions(kit: Kit, port: int, versions: list[int]) -> tuple[Message, int | None]:
+    """Speak raw frames: a HELLO offering ``versions``; returns the server's answer and close code."""
+    async with connect(f"wss://localhost:{port}", ssl=client_context(kit)) as ws:
+        hello = Message(MessageType.HELLO, site=kit.name, body={"versions": versions})
+        await ws.send(wire.encode(hello))
+        answer = wire.Reassembler().feed(await ws.recv())
+        await ws.wait_closed()
+        return answer, ws.close_code
+
+
+def test_refusals_are_clear_and_the_server_keeps_running(kits, other_kits, tmp_path, caplog):
+    """Another study's CA, a site outside the study and a protocol mismatch are each refused with a reason."""
+
+    async def scenario() -> None:
+        port = free_port()
+        server = server_task(kits, tmp_path / "run", port, sites=("nci", "suny"), rounds=1, min_sites=2)
+        url = f"wss://localhost:{port}"
+        await asyncio.sleep(0.3)
+
+        with pytest.raises(FedsegError, match="TLS handshake .* failed"):
+            await run_client(other_kits["nci"], RecordingTrainer(0), server_url=url, retries=0)  # type: ignore[arg-type]
+
+        with pytest.raises(FedsegError, match="'ucla' is not a site of this study"):
+            await run_client(kits["ucla"], RecordingTrainer(2), server_url=url, retries=0)  # type: ignore[arg-type]
+
+        answer, close_code = await hello_with_versions(kits["nci"], port, [2])
+        assert answer is not None and answer.type is MessageType.REFUSE
+        assert answer.body["code"] == ErrorCode.VERSION_MISMATCH == close_code
+        assert "peer speaks protocol 2, this fedseg speaks 1" in answer.body["reason"]
+
+        with pytest.raises(FedsegError, match="must start with wss://"):
+            await run_client(kits["nci"], RecordingTrainer(0), server_url=f"ws://localhost:{port}")  # type: ignore[arg-type]
+        with pytest.raises((InvalidHandshake, ConnectionClosed, OSError)):  # plain ws:// against the TLS listener
+            async with connect(f"ws://127.0.0.1:{port}", open_timeout=5) as ws:
+                await ws.recv()
+
+        assert not server.done()
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+
+    with caplog.at_level(logging.INFO, logger="fedseg.server"):
+        asyncio.run(scenario())
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert any("not a site of this study" in text for text in refusals)
+    assert any("peer speaks protocol 2" in text for text in refusals)
