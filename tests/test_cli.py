@@ -60,3 +60,12 @@ def test_os_error_is_a_one_line_error(make_site, tmp_path, run_cli):
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and "notes.txt" in last and "Traceback" not in err
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path, run_cli):
+    """Rich markup must not eat parts of a message such as a TOML table name."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[prepare]\nspacing = 1.0\n")
+    (tmp_path / "site" / "images").mkdir(parents=True)
+    code, _, err = run_cli("train", tmp_path / "site", "--out", tmp_path / "m", "--config", config)
+    assert code == 1 and "[prepare]" in err

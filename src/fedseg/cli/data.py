@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedseg.cli.console import console, err_console, progress_bar
@@ -52,7 +53,7 @@ def check(
     _print_summary(report)
     if report.problems:
         for problem in report.problems:
-            err_console.print(f"[red]bad file[/] {problem}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]bad file[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
         raise DataError(f"{site}: {len(report.problems)} problem(s) found")
     if not report.ok:
         raise DataError(f"{site}: no valid cases")

@@ -1,9 +1,17 @@
-"""``fedseg provision``: certificates and start-up kits for a federated study."""
+"""``fedseg provision | server | client | federate``: a federated study from the command line.
+
+``provision`` writes certificates and start-up kits; ``server`` and ``client``
+are the two sides of a real deployment; ``federate`` runs both locally as
+separate processes (:mod:`fedseg.federation.local`). :func:`register` adds
+``server``, ``client`` and ``federate`` to the ``fedseg`` app.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from fedseg.cli.console import console
@@ -24,3 +32,235 @@ def provision(
     for name, folder in kits.items():
         what = "keep OFFLINE: the CA key, needed only to add sites" if name == "ca" else f"give to {name} (see {folder}/README.txt)"
         console.print(f"[green]kit[/] {folder}: {what}")
+
+
+# --------------------------------------------------------------------------- server, client, federate
+
+KIT_HELP = "Start-up kit folder (from 'fedseg provision')."
+CONFIG_HELP = "Study TOML with the tables federation, train and prepare."
+
+
+def _logging() -> None:
+    """INFO logs of the server/client to stderr (a no-op when logging is already configured)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _numpy_state(network: str, seed: int) -> dict:
+    from fedseg.models import build_model
+
+    return {k: v.detach().cpu().numpy().copy() for k, v in build_model(network, seed=seed).state_dict().items()}
+
+
+def server(
+    kit: Path = typer.Option(..., help=KIT_HELP),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP + " On --resume: default the run's own."),
+    out: Path | None = typer.Option(None, "--out", help="New run directory (every completed round is kept there)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue this run directory after its last completed round."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int | None = typer.Option(None, help="Port (default: the kit's)."),
+    fold: int = typer.Option(0, help="Cross-validation fold the sites train (recorded in the run)."),
+    rounds: int | None = typer.Option(None, min=1, help="Number of rounds (overrides federation.rounds)."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+) -> None:
+    """Run the federated server: wait for the sites, aggregate every round, keep final and best models."""
+    import asyncio
+
+    from rich.table import Table
+    from safetensors.numpy import save_file
+
+    from fedseg.errors import FedsegError
+    from fedseg.federation.provision import load_kit
+    from fedseg.federation.rounds import RoundsConfig
+    from fedseg.federation.rundir import RunDir
+    from fedseg.federation.server import run_server
+    from fedseg.federation.strategies import make_aggregator
+    from fedseg.federation.study import FederationConfig, StudyConfig, load_study_config
+    from fedseg.training.config import TrainConfig
+
+    if (out is None) == (resume is None):
+        raise FedsegError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR")
+    _logging()
+    server_kit = load_kit(kit)
+    if server_kit.role != "server":
+        raise FedsegError(f"{kit}: a {server_kit.role} kit; the server needs the server kit")
+    sites = sorted(server_kit.allowed_sites)
+    if resume is not None:
+        run = RunDir.open(resume)
+        recorded = run.study()
+        if config is not None:
+            study = load_study_config(config)
+        else:
+            study = StudyConfig(FederationConfig.from_dict(recorded["federation"], str(resume)),
+                                TrainConfig.from_dict({**recorded["train"], "patch_size": tuple(recorded["train"]["patch_size"])}, str(resume)))
+        if rounds is None:
+            rounds = int(recorded["rounds"])
+        if recorded.get("sites") != sites:
+            raise FedsegError(f"{resume}: run of sites {recorded.get('sites')}, but the kit's study has {sites}")
+        fold = int(recorded.get("fold", fold))
+    else:
+        study = load_study_config(config)
+    federation = study.federation if rounds is None else study.federation.replace(rounds=rounds)
+    train = study.train if threads is None else study.train.replace(threads=threads)
+    _threads(train.threads)
+    aggregator = make_aggregator(federation.aggregator, federation.server_optimizer)
+    weights, first_round = _numpy_state(train.network, train.seed), 0
+    if resume is not None:
+        point = run.resume_point()
+        if point is not None:
+            weights, first_round = point.global_weights, point.completed_rounds
+            if point.server_optimizer is not None and hasattr(aggregator, "load_state_dict"):
+                aggregator.load_state_dict(point.server_optimizer)
+            console.print(f"resuming after round {first_round - 1} ({first_round} completed)")
+    else:
+        record = {
+            "sites": sites, "rounds": federation.rounds, "aggregator": federation.aggregator,
+            "server_optimizer": federation.server_optimizer, "min_sites": federation.quorum(len(sites)),
+            "fold": fold, "federation": federation.to_dict(), "train": train.to_dict(),
+            "study": server_kit.study.get("study"),
+        }
+        run = RunDir.create(out, record)
+    rounds_config = RoundsConfig(sites=tuple(sites), rounds=federation.rounds, min_sites=federation.quorum(len(sites)))
+    final = asyncio.run(
+        run_server(
+            server_kit, run, rounds_config, aggregator, weights,
+            host=host, port=port if port is not None else int(server_kit.study["port"]),
+            round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
+        )
+    )
+    save_file({k: np.ascontiguousarray(v) for k, v in final.items()}, str(run.root / "final.safetensors"))
+    state = run.state()
+    if state.get("best_round", -1) >= 0:
+        shutil.copyfile(run.round_folder(int(state["best_round"])) / "global.safetensors", run.root / "best.safetensors")
+    summary = Table("round", "aggregated val Dice", "sites", "left out", title=f"federated study → {run.root}")
+    for entry in run.rounds():
+        left = ", ".join(f"{s} ({why})" for s, why in sorted(entry["left_out"].items())) or "-"
+        summary.add_row(str(entry["round"]), f"{entry['aggregated_val_dice']:.4f}", ", ".join(sorted(entry["sites"])), left)
+    console.print(summary)
+    if state.get("best_round", -1) >= 0:
+        console.print(f"[green]done[/]: {state['completed_rounds']} rounds; best round {state['best_round']} "
+                      f"(val Dice {state['best_dice']:.4f}); wrote final.safetensors and best.safetensors in {run.root}")
+
+
+class _FedProxTrainer:
+    """A LocalTrainer whose FedProx anchor is set to each round's global weights before the epoch."""
+
+    def __init__(self, trainer, loss) -> None:
+        self.trainer, self.loss = trainer, loss
+
+    def run_epoch(self, weights=None):
+        if weights is not None:
+            self.loss.set_anchor(weights)
+        return self.trainer.run_epoch(weights)
+
+
+def client(
+    kit: Path = typer.Option(..., help=KIT_HELP),
+    data: Path = typer.Option(..., help="This site's folder (raw, or prepared by 'fedseg data prepare')."),
+    fold: int = typer.Option(0, help="Cross-validation fold to train and validate on."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP + " Must match the server's."),
+    cache: Path = typer.Option(Path.home() / ".cache" / "fedseg", help="Folder for preprocessed copies of the site."),
+    audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log: one JSON line per update sent (default: KIT/audit.jsonl)."),
+    server_url: str | None = typer.Option(None, "--server-url", help="wss://HOST:PORT (default: the kit's)."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+    retries: int = typer.Option(5, min=0, help="Reconnections allowed after a lost connection."),
+) -> None:
+    """Take part in a federated study: train on this site every round; only weights and scores leave."""
+    import asyncio
+
+    from fedseg.cli.models import _resolve
+    from fedseg.errors import FedsegError
+    from fedseg.federation.client import run_client
+    from fedseg.federation.provision import load_kit
+    from fedseg.federation.study import load_study_config
+    from fedseg.models import build_model
+    from fedseg.training.data import SiteData
+    from fedseg.training.engine import LocalTrainer, soft_dice_loss
+    from fedseg.training.fedprox import FedProxLoss
+    from fedseg.training.fit import fold_training_set
+
+    _logging()
+    site_kit = load_kit(kit)
+    if site_kit.role != "site":
+        raise FedsegError(f"{kit}: the server's kit; a client needs its site's kit")
+    study = load_study_config(config)
+    train = study.train if threads is None else study.train.replace(threads=threads)
+    _threads(train.threads)
+    site = _resolve(data, study.prepare, cache)
+    site.require_splits().fold(fold)
+    training = fold_training_set(site, SiteData(site, train.patch), fold)
+    loss = FedProxLoss(soft_dice_loss(), study.federation.fedprox_mu) if study.federation.fedprox_mu > 0 else None
+    trainer = LocalTrainer(build_model(train.network, seed=train.seed), training.train, training.val, train, loss=loss)
+    participant = trainer if loss is None else _FedProxTrainer(trainer, loss)
+    audit = audit_log if audit_log is not None else site_kit.directory / "audit.jsonl"
+    final = asyncio.run(run_client(site_kit, participant, server_url=server_url, audit_log=audit, retries=retries))  # type: ignore[arg-type]
+    console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "
+                  f"({len(training.train)} train / {len(training.val)} val cases); received the final model "
+                  f"({len(final)} tensors); audit log {audit}")
+
+
+def federate(
+    site_dirs: list[Path] = typer.Argument(..., help="Site folders; each site is named after its folder."),
+    out: Path = typer.Option(..., "--out", help="New run folder (kits, logs, server runs, model/)."),
+    rounds: int | None = typer.Option(None, min=1, help="Number of rounds (overrides federation.rounds)."),
+    fold: int | None = typer.Option(None, help="Fold to train (default 0)."),
+    all_folds: bool = typer.Option(False, "--all-folds", help="Train every fold in turn: the FL ensemble."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    cache: Path = typer.Option(Path.home() / ".cache" / "fedseg", help="Folder for preprocessed copies of the sites."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for torch in each process."),
+) -> None:
+    """Local mode: the server and one client per site as processes on 127.0.0.1 with real mutual TLS."""
+    from rich.table import Table
+
+    from fedseg.cli.models import _resolve
+    from fedseg.errors import FedsegError
+    from fedseg.federation.local import run_local, site_names
+    from fedseg.federation.study import load_study_config
+
+    if fold is not None and all_folds:
+        raise FedsegError("--fold and --all-folds exclude each other")
+    site_names(site_dirs)  # clear error before anything is written
+    study = load_study_config(config)
+    if rounds is not None:
+        study = type(study)(study.federation.replace(rounds=rounds), study.train, study.prepare)
+    if threads is not None:
+        study = type(study)(study.federation, study.train.replace(threads=threads), study.prepare)
+    if all_folds:
+        # prepare here (once, with progress) so the folds are known; clients reuse the cache
+        n_folds = min(len(_resolve(d, study.prepare, cache).require_splits().folds) for d in site_dirs)
+        folds = list(range(n_folds))
+    else:
+        folds = [fold or 0]
+    results = run_local(
+        site_dirs, out, study, folds=folds, rounds=rounds, config_file=config, cache=cache, threads=threads,
+        on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
+    )
+    summary = Table("fold", "rounds", "best round", "best aggregated val Dice", "minutes", title=f"federated → {out / 'model'}")
+    for run in results:
+        summary.add_row(str(run.fold), str(run.rounds), str(run.best_round), f"{run.best_dice:.4f}", f"{run.seconds / 60:.1f}")
+    console.print(summary)
+    console.print(f"[green]wrote[/] FL model {out / 'model'} (use 'fedseg predict' / 'fedseg evaluate'); logs in {out / 'logs'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``server``, ``client`` and ``federate`` to the ``fedseg`` app (once)."""
+    present = {c.name or (c.callback.__name__ if c.callback else None) for c in app.registered_commands}
+    for command in (server, client, federate):
+        if command.__name__ not in present:
+            app.command()(command)
+
+
+def main() -> None:
+    """``fedseg`` with the federation commands registered (used by 'fedseg federate' for its processes)."""
+    from fedseg.cli import main as cli_main
+
+    register(cli_main.app)
+    cli_main.main()

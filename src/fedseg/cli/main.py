@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from fedseg import __version__
 from fedseg.cli import data as data_commands
@@ -29,6 +30,7 @@ for command in (
     federation_commands.provision,
 ):
     app.command()(command)
+federation_commands.register(app)  # fedseg server | client | federate
 
 
 def _show_version(value: bool) -> None:
@@ -49,10 +51,10 @@ def main() -> None:
     try:
         app()
     except FedsegError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:  # permissions, full disk, read-only media: the message names the path
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedseg.cli.console import console, err_console, progress_bar
@@ -138,7 +139,7 @@ def predict(
                 save_volume(mask, target, "uint8")
             except DataError as exc:
                 failures.append(str(exc))
-                err_console.print(f"[red]failed[/] {exc}", highlight=False)
+                err_console.print(f"[red]failed[/] {escape(str(exc))}", highlight=False)
             advance(path.name)
     console.print(f"[green]wrote[/] {len(files) - len(failures)} mask(s) to {out_dir}")
     if failures:

@@ -100,9 +100,9 @@ class TrainConfig:
 
 
 def load_train_config(path: Path) -> TrainConfig:
-    """Read the ``[train]`` table of a TOML file (or the whole file when it has none)."""
+    """Read the ``[train]`` table of a TOML file (defaults when it has none; other tables belong to others)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
-    return TrainConfig.from_dict(data.get("train", data), source=str(path))
+    return TrainConfig.from_dict(data.get("train", {}), source=str(path))

@@ -1,0 +1,138 @@
+"""A federated study's configuration: one TOML file with three tables.
+
+```toml
+[federation]             # the server's side (FederationConfig)
+rounds = 40
+min_sites = 2            # default: every site
+aggregator = "dice-weighted"   # or sample-weighted, uniform
+server_optimizer = "fedadam"   # optional
+round_timeout_s = 3600.0
+grace_s = 60.0
+fedprox_mu = 0.0         # > 0: FedProx proximal term in every site's local loss
+
+[train]                  # every site's local trainer (TrainConfig)
+[prepare]                # preprocessing (PrepareConfig)
+```
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+
+Error messages avoid square brackets: the CLI prints them with rich, which
+would take ``[federation]`` for markup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.data.preprocess import PrepareConfig
+from fedseg.errors import FedsegError
+from fedseg.federation.strategies import AGGREGATORS, SERVER_OPTIMIZERS
+from fedseg.training.config import TrainConfig
+
+__all__ = ["FederationConfig", "StudyConfig", "load_study_config", "read_toml"]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The server's settings of a study (the ``[federation]`` table).
+
+    Attributes:
+        rounds: number of rounds (one local epoch per round).
+        min_sites: quorum; None = every site of the study.
+        aggregator: ``dice-weighted`` (the paper), ``sample-weighted`` or ``uniform``.
+        server_optimizer: None, or ``fedadam``.
+        round_timeout_s: a site that has not answered a round by then is left out of it.
+        grace_s: once the quorum is connected, how long to wait for the others.
+        fedprox_mu: FedProx coefficient used by the clients (0 = off).
+    """
+
+    rounds: int = 40
+    min_sites: int | None = None
+    aggregator: str = "dice-weighted"
+    server_optimizer: str | None = None
+    round_timeout_s: float = 3600.0
+    grace_s: float = 60.0
+    fedprox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise FedsegError(f"federation.rounds must be an integer >= 1, got {self.rounds!r}")
+        if self.min_sites is not None and (not isinstance(self.min_sites, int) or self.min_sites < 1):
+            raise FedsegError(f"federation.min_sites must be an integer >= 1, got {self.min_sites!r}")
+        if self.aggregator not in AGGREGATORS:
+            raise FedsegError(f"federation.aggregator: unknown {self.aggregator!r}; choose one of: {', '.join(AGGREGATORS)}")
+        if self.server_optimizer is not None and self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise FedsegError(
+                f"federation.server_optimizer: unknown {self.server_optimizer!r}; choose one of: {', '.join(SERVER_OPTIMIZERS)}"
+            )
+        for name in ("round_timeout_s", "grace_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+                raise FedsegError(f"federation.{name} must be a positive number of seconds, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.fedprox_mu, int | float) or not (math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0):
+            raise FedsegError(f"federation.fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
+        object.__setattr__(self, "fedprox_mu", float(self.fedprox_mu))
+
+    def quorum(self, n_sites: int) -> int:
+        """``min_sites``, or every site when unset."""
+        return n_sites if self.min_sites is None else self.min_sites
+
+    def replace(self, **changes: Any) -> FederationConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> FederationConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FedsegError(f"{source}: unknown option(s) in the federation table {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study's TOML file says."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
+
+
+def load_study_config(path: Path | None) -> StudyConfig:
+    """Read ``[federation]``, ``[train]`` and ``[prepare]`` from ``path`` (defaults when None).
+
+    Raises:
+        FedsegError: unreadable TOML, an unknown table or key, a value out of range.
+    """
+    if path is None:
+        return StudyConfig()
+    data = read_toml(path)
+    unknown = sorted(set(data) - {"federation", "train", "prepare"})
+    if unknown:
+        raise FedsegError(f"{path}: unknown table(s) {unknown}; a study config has the tables federation, train and prepare")
+    for name in ("federation", "train", "prepare"):
+        if not isinstance(data.get(name, {}), dict):
+            raise FedsegError(f"{path}: {name} must be a TOML table")
+    federation = FederationConfig.from_dict(data.get("federation", {}), source=str(path))
+    train = TrainConfig.from_dict(data.get("train", {}), source=str(path))
+    try:
+        prepare = PrepareConfig(**data.get("prepare", {}))
+    except TypeError as exc:
+        raise FedsegError(f"{path}: prepare table: {exc}") from exc
+    return StudyConfig(federation, train, prepare)
