@@ -48,6 +48,18 @@ def ellipsoid_case(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, 
     return image, mask
 
 
+def cube_case(index: int):
+    """An easy training case in memory: a bright cube (its mask the label) in mild noise, already z-scored-ish."""
+    from fedseg.training.data import CaseArrays
+
+    rng = np.random.default_rng(index)
+    label = np.zeros((1, 24, 24, 16), np.float32)
+    x, y, z = rng.integers(4, 8, 3)
+    label[0, x : x + 10, y : y + 10, z : z + 6] = 1.0
+    image = (rng.normal(0.0, 0.3, label.shape) + 2.0 * label).astype(np.float32)
+    return CaseArrays(f"cube{index}", image, label, np.eye(4))
+
+
 @pytest.fixture
 def make_site(tmp_path: Path) -> Callable[..., Path]:
     """Factory for a small valid site folder in the fedseg layout."""

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from conftest import cube_case
 from fedseg.errors import FedsegError
 from fedseg.federation import wire
 from fedseg.federation.client import run_client
@@ -38,7 +39,6 @@ from fedseg.federation.wire import ErrorCode, Message, MessageType
 from fedseg.models import build_model
 from fedseg.training.augment import AugmentConfig
 from fedseg.training.config import TrainConfig
-from fedseg.training.data import CaseArrays
 from fedseg.training.engine import EpochResult, LocalTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,15 +50,6 @@ Tamper = Callable[[int, EpochResult], EpochResult]
 
 # ----------------------------------------------------------------- helpers
 
-
-def cube_case(index: int) -> CaseArrays:
-    """An easy case: a bright cube (its mask the label) in mild noise."""
-    rng = np.random.default_rng(index)
-    label = np.zeros((1, 24, 24, 16), np.float32)
-    x, y, z = rng.integers(4, 8, 3)
-    label[0, x : x + 10, y : y + 10, z : z + 6] = 1.0
-    image = (rng.normal(0.0, 0.3, label.shape) + 2.0 * label).astype(np.float32)
-    return CaseArrays(f"cube{index}", image, label, np.eye(4))
 
 
 CONFIG = TrainConfig(

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cube_case
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
 from fedseg.training.augment import AugmentConfig
 from fedseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fedseg.training.config import TrainConfig, load_train_config
-from fedseg.training.data import CaseArrays
 from fedseg.training.engine import LocalTrainer
 from fedseg.training.fit import TrainingSet, train_fold
 
@@ -23,15 +23,6 @@ PATCH = (16, 16, 8)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def cube_case(index: int) -> CaseArrays:
-    """An easy case: a bright cube (its mask the label) in mild noise, already z-scored-ish."""
-    rng = np.random.default_rng(index)
-    label = np.zeros((1, 24, 24, 16), np.float32)
-    x, y, z = rng.integers(4, 8, 3)
-    label[0, x : x + 10, y : y + 10, z : z + 6] = 1.0
-    image = (rng.normal(0.0, 0.3, label.shape) + 2.0 * label).astype(np.float32)
-    return CaseArrays(f"cube{index}", image, label, np.eye(4))
 
 
 TRAIN = [cube_case(i) for i in range(3)]
