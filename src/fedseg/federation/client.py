@@ -37,6 +37,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from fedseg.errors import FedsegError
 from fedseg.federation import wire
 from fedseg.federation.provision import Kit
+from fedseg.federation.server import PING_INTERVAL_S, PING_TIMEOUT_S  # one keepalive setting for both ends
+from fedseg.federation.strategies import Weights
 from fedseg.federation.tls import client_context
 from fedseg.federation.wire import ErrorCode, Message, MessageType
 from fedseg.training.engine import EpochResult, LocalTrainer
@@ -45,11 +47,7 @@ __all__ = ["PING_INTERVAL_S", "PING_TIMEOUT_S", "ConnectionLost", "run_client"]
 
 log = logging.getLogger("fedseg.client")
 
-PING_INTERVAL_S = 20.0
-PING_TIMEOUT_S = 60.0
 OPEN_TIMEOUT_S = 30.0
-
-Weights = dict[str, np.ndarray]
 
 
 class ConnectionLost(FedsegError):

@@ -43,7 +43,7 @@ from fedseg.federation.rounds import (
     StudyFailed,
 )
 from fedseg.federation.rundir import RunDir
-from fedseg.federation.strategies import Aggregator, Update
+from fedseg.federation.strategies import Aggregator, Update, Weights
 from fedseg.federation.tls import peer_site, server_context
 from fedseg.federation.wire import ErrorCode, Message, MessageType
 
@@ -58,7 +58,6 @@ PING_TIMEOUT_S = 60.0
 HELLO_TIMEOUT_S = 30.0
 """How long a new connection may take to send its HELLO."""
 
-Weights = dict[str, np.ndarray]
 EventHook = Callable[[Action], None]
 
 
