@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import tomllib
 from pathlib import Path
 
 import typer
@@ -26,21 +26,6 @@ def _threads(threads: int | None) -> None:
 
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-def _prepare_config(config_file: Path | None, spacing: float | None) -> PrepareConfig:
-    table = {}
-    if config_file is not None:
-        try:
-            table = tomllib.loads(config_file.read_text()).get("prepare", {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise FedsegError(f"{config_file}: cannot read TOML ({exc})") from exc
-    if spacing is not None:
-        table["spacing_mm"] = spacing
-    try:
-        return PrepareConfig(**table)
-    except TypeError as exc:
-        raise FedsegError(f"{config_file}: [prepare] {exc}") from exc
 
 
 def _resolve(site_dir: Path, prepare: PrepareConfig, cache: Path):
@@ -69,17 +54,16 @@ def train(
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log metrics for TensorBoard."),
 ) -> None:
     """Train a private model on one site: one fold, or the five-fold ensemble (resumes if interrupted)."""
-    from fedseg.training.config import TrainConfig, load_train_config
+    from fedseg.federation.study import load_study_config
     from fedseg.training.data import SiteData
     from fedseg.training.fit import fold_training_set, model_record, open_model_dir, record_fold, train_fold
 
     if fold is not None and all_folds:
         raise FedsegError("--fold and --all-folds exclude each other")
-    base = load_train_config(config) if config else TrainConfig()
+    study = load_study_config(config)  # the same TOML as a federated study: [train] and [prepare] apply
     overrides = {"epochs": epochs, "network": network, "seed": seed, "threads": threads}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    train_config = base.replace(**overrides)
-    prepare = _prepare_config(config, spacing)
+    train_config = study.train.replace(**{k: v for k, v in overrides.items() if v is not None})
+    prepare = study.prepare if spacing is None else dataclasses.replace(study.prepare, spacing_mm=spacing)
     site = _resolve(site_dir, prepare, cache)
     splits = site.require_splits()
     folds = [fold] if fold is not None else list(range(len(splits.folds)))

@@ -134,5 +134,5 @@ def load_study_config(path: Path | None) -> StudyConfig:
     try:
         prepare = PrepareConfig(**data.get("prepare", {}))
     except TypeError as exc:
-        raise FedsegError(f"{path}: prepare table: {exc}") from exc
+        raise FedsegError(f"{path}: [prepare] {exc}") from exc
     return StudyConfig(federation, train, prepare)
