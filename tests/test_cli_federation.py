@@ -93,6 +93,42 @@ def test_federate_runs_two_rounds_and_writes_an_fl_model(federated, work):
         assert (run / "logs" / "fold0" / f"{name}.log").is_file()
 
 
+def test_sites_receive_final_and_best_models_and_evaluate_the_final_one(federated, work):
+    """End of the study: each site keeps both models as model dirs and returns per-case test Dice."""
+    run, (code, stdout, err) = federated
+    assert code == 0, stdout + err
+    from safetensors.numpy import load_file
+
+    from fedseg.evaluation.evaluate import evaluate_site
+    from fedseg.inference import Ensemble
+
+    state = RunDir.open(run / "fold0").state()
+    final = load_file(str(run / "fold0" / "final.safetensors"))
+    best = load_file(str(run / "fold0" / "best.safetensors"))
+    evaluation = json.loads((run / "fold0" / "evaluation.json").read_text())
+    assert evaluation["left_out"] == {} and sorted(evaluation["sites"]) == list(SITES)
+    for site in SITES:
+        for name, expected in (("final", final), ("best", best)):
+            received = load_file(str(run / "sites" / site / name / "fold0" / "best.safetensors"))
+            assert all(np.array_equal(received[k], expected[k]) for k in expected), (site, name)
+        record = json.loads((run / "sites" / site / "best" / "model.json").read_text())
+        assert record["folds"][0]["best_epoch"] == state["best_round"] + 1
+        # the Dice the site sent is the Dice of the final model on its test cases (local mode shares names)
+        sent = evaluation["sites"][site]["case_dice"]
+        prepared = _prepared(work, site)
+        assert sorted(sent) == sorted(prepared.require_splits().test)
+        ensemble = Ensemble.load(run / "sites" / site / "final")
+        assert evaluate_site(ensemble, prepared, "test") == pytest.approx(sent, abs=1e-6)
+    assert "final model on each site's held-out test set" in (run / "logs" / "fold0" / "server.log").read_text()
+
+
+def _prepared(work: Path, site: str):
+    from fedseg.cli.models import _resolve
+    from fedseg.federation.study import load_study_config
+
+    return _resolve(work / site, load_study_config(work / "study.toml").prepare, work / "cache")
+
+
 def test_round_weights_are_dice_weights_of_what_the_sites_reported(federated):
     """The audit logs (what left each site) give the Dice the server weighted each site by."""
     run, (code, _, err) = federated
@@ -141,6 +177,24 @@ def test_fedprox_clients_and_fedadam_server(tmp_path, work):
     assert json.loads((run / "fold0" / "run.json").read_text())["federation"]["fedprox_mu"] == 0.01
     code, stdout, err = invoke("server", "--kit", run / "kits" / "server", "--resume", run / "fold0", "--threads", "1")
     assert code == 0, stdout + err
+
+
+def test_all_folds_builds_the_fl_ensemble_centrally_and_at_every_site(tmp_path, work):
+    """--all-folds on two 3-case sites: 2 folds each, so a 2-model FL ensemble, also in each site's best/ dir."""
+    sites = [write_site(tmp_path / name, n_cases=3, seed=20 + k) for k, name in enumerate(("east", "west"))]
+    run = tmp_path / "run"
+    code, stdout, err = invoke("federate", *sites, "--out", run, "--rounds", "1", "--all-folds",
+                               "--config", work / "study.toml", "--cache", tmp_path / "cache", "--threads", "1")
+    assert code == 0, stdout + err
+    assert [f["fold"] for f in json.loads((run / "model" / "model.json").read_text())["folds"]] == [0, 1]
+    for fold in (0, 1):
+        assert RunDir.open(run / f"fold{fold}").state()["finished"]
+    for site in ("east", "west"):
+        assert [f["fold"] for f in json.loads((run / "sites" / site / "best" / "model.json").read_text())["folds"]] == [0, 1]
+    out = tmp_path / "dice.json"
+    code, _, err = invoke("evaluate", run / "model", sites[0], "--json", out, "--cache", tmp_path / "cache", "--threads", "1")
+    assert code == 0, err
+    assert len(json.loads(out.read_text())["dice"]) == 1  # the one test case of a 3-case site
 
 
 def test_site_folder_name_clash_is_refused(tmp_path):

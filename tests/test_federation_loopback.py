@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load_file
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -29,7 +31,7 @@ from conftest import cube_case
 from fedseg.errors import FedsegError
 from fedseg.federation import wire
 from fedseg.federation.client import run_client
-from fedseg.federation.provision import Kit, load_kit, provision_study
+from fedseg.federation.provision import Kit, issue_site_certificate, load_ca, load_kit, provision_study
 from fedseg.federation.rounds import RoundsConfig
 from fedseg.federation.rundir import RunDir
 from fedseg.federation.server import run_server
@@ -91,9 +93,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Kit]:
-    paths = provision_study("localhost", list(SITES), tmp_path_factory.mktemp("study") / "kits", study="loopback")
-    return {name: load_kit(path) for name, path in paths.items() if name != "ca"}
+def kit_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return provision_study("localhost", list(SITES), tmp_path_factory.mktemp("study") / "kits", study="loopback")
+
+
+@pytest.fixture(scope="module")
+def kits(kit_paths: dict[str, Path]) -> dict[str, Kit]:
+    return {name: load_kit(path) for name, path in kit_paths.items() if name != "ca"}
+
+
+def expired_kit(kit_paths: dict[str, Path], site: str, folder: Path) -> Kit:
+    """``site``'s kit with a certificate from the right CA that expired nine days ago."""
+    ca_key, ca_cert = load_ca(kit_paths["ca"])
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    key, cert = issue_site_certificate(ca_key, ca_cert, site, days=1, not_before=past)
+    key_path, cert_path = folder / "expired.key", folder / "expired.pem"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return dataclasses.replace(load_kit(kit_paths[site]), cert=cert_path, key=key_path)  # bypasses load_kit's date check
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +120,9 @@ def other_kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Kit]:
     return {name: load_kit(path) for name, path in paths.items() if name != "ca"}
 
 
-def server_task(kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, rounds: int = 2, min_sites: int = 2):
+def server_task(
+    kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, rounds: int = 2, min_sites: int = 2, settings=None
+):
     config = RoundsConfig(sites=tuple(sites), rounds=rounds, min_sites=min_sites)
     run = RunDir.create(run_dir, {"sites": list(sites), "rounds": rounds, "aggregator": "dice-weighted"})
     return asyncio.create_task(
@@ -116,22 +136,40 @@ def server_task(kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, 
             port=port,
             round_timeout_s=30.0,
             grace_s=10.0,
+            settings=settings,
         )
     )
 
 
-def client_task(kit: Kit, trainer: RecordingTrainer, port: int, audit: Path | None = None, retries: int = 20):
+def client_task(kit: Kit, trainer: RecordingTrainer, port: int, audit: Path | None = None, retries: int = 20, **hooks):
     url = f"wss://localhost:{port}"
-    client = run_client(kit, trainer, server_url=url, audit_log=audit, retries=retries, retry_delay_s=0.1)  # type: ignore[arg-type]
+    client = run_client(kit, trainer, server_url=url, audit_log=audit, retries=retries, retry_delay_s=0.1, **hooks)  # type: ignore[arg-type]
     return asyncio.create_task(client)
 
 
-async def run_study(kits, tmp_path: Path, trainers: dict[str, RecordingTrainer], rounds: int):
+class SiteEnd:
+    """A site's end-of-study hooks: keeps the models it receives, 'evaluates' with a fixed per-case Dice."""
+
+    def __init__(self, index: int) -> None:
+        self.models: dict[str, tuple[int | None, dict[str, np.ndarray], float | None]] = {}
+        self.case_dice = {f"patient-{index}-{i}": 0.5 + 0.1 * i for i in range(3)}
+        self.evaluated: list[dict[str, np.ndarray]] = []
+
+    def on_model(self, name: str, round_: int | None, weights: dict[str, np.ndarray], dice: float | None) -> None:
+        self.models[name] = (round_, weights, dice)
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        self.evaluated.append(weights)
+        return dict(self.case_dice)
+
+
+async def run_study(kits, tmp_path: Path, trainers: dict[str, RecordingTrainer], rounds: int, ends: dict[str, SiteEnd] | None = None):
     """Server plus one client per site; returns (server weights, {site: client weights})."""
     port = free_port()
     server = server_task(kits, tmp_path / "run", port, rounds=rounds)
     audit = {site: tmp_path / f"{site}.audit.jsonl" for site in trainers}
-    clients = {site: client_task(kits[site], t, port, audit[site]) for site, t in trainers.items()}
+    hooks = {site: {"on_model": end.on_model, "evaluate": end.evaluate} for site, end in (ends or {}).items()}
+    clients = {site: client_task(kits[site], t, port, audit[site], **hooks.get(site, {})) for site, t in trainers.items()}
     async with asyncio.timeout(STUDY_TIMEOUT_S):
         final = await server
         received = {site: await task for site, task in clients.items()}
@@ -165,7 +203,8 @@ def assert_round_matches(run_dir: Path, number: int, updates: dict[str, EpochRes
 def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_path):
     """Two rounds, three sites: every committed global model is the Dice-weighted mean of what the sites sent."""
     trainers = {site: RecordingTrainer(i) for i, site in enumerate(SITES)}
-    final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
+    ends = {site: SiteEnd(i) for i, site in enumerate(SITES)}
+    final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2, ends=ends))
 
     run_dir = tmp_path / "run"
     assert RunDir.open(run_dir).state()["completed_rounds"] == 2
@@ -179,8 +218,12 @@ def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_
     names = sorted(initial_weights())
     for site, trainer in trainers.items():
         lines = [json.loads(line) for line in (tmp_path / f"{site}.audit.jsonl").read_text().splitlines()]
-        assert [line["round"] for line in lines] == [0, 1]
-        for line, result in zip(lines, trainer.results, strict=True):
+        assert [(line["message"], line["round"]) for line in lines] == [("UPDATE", 0), ("UPDATE", 1), ("RESULT", 1)]
+        # the result left the site under pseudonyms, and the audit log says exactly that
+        assert lines[-1]["tensors"] == [] and lines[-1]["scalars"]["case_dice"] == {
+            "case-001": 0.5, "case-002": pytest.approx(0.6), "case-003": pytest.approx(0.7)
+        }
+        for line, result in zip(lines[:2], trainer.results, strict=True):
             assert line["tensors"] == names
             assert line["scalars"] == {
                 "num_samples": result.num_samples,
@@ -188,6 +231,21 @@ def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_
                 "train_loss": pytest.approx(result.train_loss),
             }
             assert line["bytes_sent"] > sum(t.numel() * t.element_size() for t in result.weights.values())
+
+    # end of the study: every site got the final and the best model and evaluated the final one
+    state = RunDir.open(run_dir).state()
+    assert state["finished"] and state["best_round"] in (0, 1)
+    best = load_file(str(run_dir / "rounds" / f"{state['best_round']:04d}" / "global.safetensors"))
+    for site, end in ends.items():
+        assert end.models["final"][0] == 1 and all(np.array_equal(end.models["final"][1][n], last[n]) for n in last)
+        assert end.models["best"][0] == state["best_round"]
+        assert end.models["best"][2] == pytest.approx(state["best_dice"])
+        assert all(np.array_equal(end.models["best"][1][n], best[n]) for n in best)
+        assert len(end.evaluated) == 1 and all(np.array_equal(end.evaluated[0][n], last[n]) for n in last)
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["left_out"] == {} and sorted(evaluation["sites"]) == sorted(SITES)
+    assert evaluation["sites"]["nci"]["mean_dice"] == pytest.approx(0.6) and evaluation["sites"]["nci"]["n"] == 3
+    assert load_file(str(run_dir / "final.safetensors")).keys() == last.keys()
 
 
 def test_update_with_nan_is_left_out_and_the_others_complete_the_round(kits, tmp_path, caplog):
@@ -265,7 +323,9 @@ def test_quorum_lost_stops_the_study_with_a_clear_error_on_both_sides(kits, tmp_
             with pytest.raises(FedsegError, match=r"round 0: 2 update\(s\) accepted, min_sites is 3 \(ucla: connection lost"):
                 await server
             for client in clients:
-                with pytest.raises(FedsegError, match="server ended the session"):
+                # the sites learn why, in counts, without the other sites' names
+                with pytest.raises(FedsegError, match=r"server ended the session: round 0: 2 update\(s\) accepted, "
+                                   r"min_sites is 3; the study stopped \(STUDY_FAILED 4409\)"):
                     await client
             with pytest.raises(RuntimeError):
                 await ucla
@@ -291,8 +351,8 @@ def test_site_that_loses_its_connection_reconnects_and_continues(kits, tmp_path)
     assert "connection lost" in rounds[0]["left_out"]["ucla"]
     assert set(rounds[1]["site_weights"]) == set(SITES)
     assert all(np.array_equal(received["ucla"][n], final[n]) for n in final)
-    lines = (tmp_path / "ucla.audit.jsonl").read_text().splitlines()
-    assert [json.loads(line)["round"] for line in lines] == [1]
+    lines = [json.loads(line) for line in (tmp_path / "ucla.audit.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines if line["message"] == "UPDATE"] == [1]
 
 
 # ----------------------------------------------------------------- refusals
@@ -308,8 +368,9 @@ async def hello_with_versions(kit: Kit, port: int, versions: list[int]) -> tuple
         return answer, ws.close_code
 
 
-def test_refusals_are_clear_and_the_server_keeps_running(kits, other_kits, tmp_path, caplog):
-    """Another study's CA, a site outside the study and a protocol mismatch are each refused with a reason."""
+def test_refusals_are_clear_and_the_server_keeps_running(kits, kit_paths, other_kits, tmp_path, caplog):
+    """Another study's CA, an expired certificate, a site outside the study and a protocol mismatch are each refused."""
+    expired = expired_kit(kit_paths, "nci", tmp_path)
 
     async def scenario() -> None:
         port = free_port()
@@ -319,6 +380,14 @@ def test_refusals_are_clear_and_the_server_keeps_running(kits, other_kits, tmp_p
 
         with pytest.raises(FedsegError, match="TLS handshake .* failed"):
             await run_client(other_kits["nci"], RecordingTrainer(0), server_url=url, retries=0)  # type: ignore[arg-type]
+
+        # the site is told before it even connects…
+        with pytest.raises(FedsegError, match=r"certificate .*expired\.pem expired on"):
+            await run_client(expired, RecordingTrainer(0), server_url=url, retries=3)  # type: ignore[arg-type]
+        # …and a client that connects anyway is refused in the handshake, the server saying why
+        with pytest.raises((InvalidHandshake, ConnectionClosed, OSError)):
+            async with connect(url, ssl=client_context(expired), open_timeout=5) as ws:
+                await ws.recv()
 
         with pytest.raises(FedsegError, match="'ucla' is not a site of this study"):
             await run_client(kits["ucla"], RecordingTrainer(2), server_url=url, retries=0)  # type: ignore[arg-type]
@@ -343,4 +412,30 @@ def test_refusals_are_clear_and_the_server_keeps_running(kits, other_kits, tmp_p
         asyncio.run(scenario())
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert any("not a site of this study" in text for text in refusals)
+    assert any("refused a TLS connection: certificate has expired" in text for text in refusals)
     assert any("peer speaks protocol 2" in text for text in refusals)
+
+
+def test_site_with_other_settings_refuses_to_train_and_says_which(kits, tmp_path, caplog):
+    """A site whose study.toml or fold differs from the server's stops before training, naming the keys."""
+    server_settings = {"fold": 0, "train": {"network": "unet-small", "patch_size": [16, 16, 8]}}
+    site_settings = {"fold": 1, "train": {"network": "unet", "patch_size": [16, 16, 8]}}
+
+    async def scenario() -> None:
+        port = free_port()
+        server = server_task(kits, tmp_path / "run", port, sites=("nci", "suny"), rounds=1, settings=server_settings)
+        url = f"wss://localhost:{port}"
+        trainer = RecordingTrainer(0)
+        async with asyncio.timeout(STUDY_TIMEOUT_S):
+            with pytest.raises(FedsegError, match=r"differ from the server's: fold: 1 here vs 0 on the server; "
+                               r"train.network: 'unet' here vs 'unet-small' on the server"):
+                await run_client(kits["nci"], trainer, server_url=url, settings=site_settings, retry_delay_s=0.1)  # type: ignore[arg-type]
+            await asyncio.sleep(0.3)
+        assert trainer.results == []  # nothing was trained, nothing was sent
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+
+    with caplog.at_level(logging.INFO, logger="fedseg.server"):
+        asyncio.run(scenario())
+    assert any("site nci left: site reported an error: this site's study settings differ" in r.getMessage() for r in caplog.records)

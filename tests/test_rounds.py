@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from fedseg.errors import FedsegError
-from fedseg.federation.rounds import Phase, RoundCompleted, RoundsConfig, SendTrain, ServerRounds, StudyDone, StudyFailed
+from fedseg.federation.rounds import (
+    EvaluationCompleted,
+    Phase,
+    RoundCompleted,
+    RoundsConfig,
+    SendFinal,
+    SendTrain,
+    ServerRounds,
+    StudyDone,
+    StudyFailed,
+)
 from fedseg.federation.strategies import DiceWeighted, Update
 
 SITES = ("nci", "suny", "ucla")
@@ -17,8 +27,11 @@ def update(site: str, value: float, dice: float = 0.5, samples: int = 10) -> Upd
     return Update(site, {"w": np.full(3, value, np.float32)}, samples, dice)
 
 
-def server(rounds: int = 3, min_sites: int = 2, first_round: int = 0) -> ServerRounds:
-    return ServerRounds(RoundsConfig(SITES, rounds, min_sites), DiceWeighted(), dict(GLOBAL), first_round)
+def server(
+    rounds: int = 3, min_sites: int = 2, first_round: int = 0, evaluate: bool = True, finished: bool = False
+) -> ServerRounds:
+    config = RoundsConfig(SITES, rounds, min_sites, evaluate)
+    return ServerRounds(config, DiceWeighted(), dict(GLOBAL), first_round, finished)
 
 
 def test_first_round_starts_when_everyone_is_connected():
@@ -102,6 +115,9 @@ def test_quorum_lost_fails_the_study_with_reasons():
     actions = rounds.round_timed_out(0)
     assert len(actions) == 1 and isinstance(actions[0], StudyFailed)
     assert "suny: connection lost" in actions[0].reason and "ucla: timed out" in actions[0].reason
+    # what the sites are told gives counts, not the other sites' names
+    assert "1 update(s) accepted, min_sites is 3" in actions[0].public_reason
+    assert not any(site in actions[0].public_reason for site in SITES)
     assert rounds.phase == Phase.FAILED
 
 
@@ -128,16 +144,52 @@ def test_site_reconnecting_mid_study_is_asked_again():
     assert [a.site for a in actions if isinstance(a, SendTrain)] == ["nci", "suny", "ucla"]
 
 
-def test_last_round_ends_the_study_and_late_updates_are_ignored():
-    rounds = server(rounds=1, min_sites=2)
+def test_last_round_without_evaluation_sends_the_models_and_ends_the_study():
+    rounds = server(rounds=1, min_sites=2, evaluate=False)
     rounds.site_connected("nci")
     rounds.site_connected("suny")
     rounds.quorum_wait_expired()
     rounds.update_received("nci", update("nci", 1.0))
     actions = rounds.update_received("suny", update("suny", 1.0))
-    assert isinstance(actions[-1], StudyDone) and rounds.phase == Phase.DONE
+    assert isinstance(actions[0], RoundCompleted)
+    assert actions[1:] == [SendFinal("nci", False), SendFinal("suny", False), StudyDone(1)]
+    assert rounds.phase == Phase.DONE
     assert rounds.update_received("nci", update("nci", 9.0)) == []
     assert np.allclose(rounds.global_weights["w"], 1.0)
+
+
+def finish_training(rounds: ServerRounds) -> list:
+    for site in SITES:
+        rounds.site_connected(site)
+    rounds.update_received("nci", update("nci", 1.0))
+    rounds.update_received("suny", update("suny", 1.0))
+    return rounds.update_received("ucla", update("ucla", 1.0))
+
+
+def test_final_step_collects_per_case_dice_from_every_site():
+    rounds = server(rounds=1)
+    actions = finish_training(rounds)
+    assert actions[1:] == [SendFinal(site, True) for site in SITES]
+    assert rounds.phase == Phase.FINISHING and rounds.round_open == 1
+    assert rounds.update_received("nci", update("nci", 5.0)) == []  # no training any more
+    assert rounds.result_received("nci", {"c1": 0.9, "c2": 0.8}) == []
+    assert rounds.result_received("nci", {"c1": 0.0}) == []  # second answer ignored
+    assert rounds.result_received("suny", {"c3": 0.7}) == []
+    done = rounds.result_received("ucla", {})
+    assert done == [EvaluationCompleted({"nci": {"c1": 0.9, "c2": 0.8}, "suny": {"c3": 0.7}, "ucla": {}}, {}), StudyDone(1)]
+    assert rounds.phase == Phase.DONE
+
+
+def test_final_step_reports_failed_sites_serves_rejoiners_and_never_fails_the_study():
+    rounds = server(rounds=1, min_sites=3)
+    finish_training(rounds)
+    rounds.site_failed("ucla", "connection lost")
+    assert rounds.site_connected("ucla") == [SendFinal("ucla", True)]  # rejoined during the final step
+    rounds.result_received("nci", {"c1": 0.9})
+    rounds.site_failed("suny", "site reported an error: no test cases")
+    actions = rounds.round_timed_out(1)
+    assert actions == [EvaluationCompleted({"nci": {"c1": 0.9}}, {"suny": "site reported an error: no test cases", "ucla": "timed out"}), StudyDone(1)]
+    assert rounds.phase == Phase.DONE
 
 
 def test_resumed_study_starts_at_its_next_round_and_unknown_sites_are_refused():
@@ -145,7 +197,11 @@ def test_resumed_study_starts_at_its_next_round_and_unknown_sites_are_refused():
     rounds.site_connected("nci")
     rounds.site_connected("suny")
     assert rounds.quorum_wait_expired() == [SendTrain("nci", 2), SendTrain("suny", 2)]
-    assert server(rounds=3, first_round=3).phase == Phase.DONE
+    assert server(rounds=3, first_round=3, finished=True).phase == Phase.DONE
+    # trained but the final step never ran (crash): it runs once the sites are back
+    unfinished = server(rounds=3, first_round=3)
+    assert unfinished.phase == Phase.WAITING
+    assert [unfinished.site_connected(site) for site in SITES][-1] == [SendFinal(site, True) for site in SITES]
     with pytest.raises(FedsegError, match="not part of this study"):
         rounds.site_connected("mayo")
     with pytest.raises(FedsegError, match="min_sites"):

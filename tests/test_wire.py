@@ -68,11 +68,14 @@ EXAMPLES: dict[MessageType, Message] = {
         {"num_samples": 40, "val_dice": 0.87, "metrics": {"loss": 0.21, "dice": 0.87}},
         weights(),
     ),
+    MessageType.MODEL: Message(MessageType.MODEL, 7, body={"model": "best", "val_dice": 0.91}, tensors=weights()),
     MessageType.EVALUATE: Message(MessageType.EVALUATE, 9, body={"model": "final"}, tensors=weights()),
-    MessageType.RESULT: Message(MessageType.RESULT, 9, "ucla", {"case_dice": {"case01": 0.9, "case02": 1}}),
+    MessageType.RESULT: Message(
+        MessageType.RESULT, 9, "ucla", {"model": "final", "case_dice": {"case01": 0.9, "case02": 1}}
+    ),
     MessageType.HEARTBEAT: Message(MessageType.HEARTBEAT, body={"seq": 12}),
     MessageType.ERROR: Message(MessageType.ERROR, 4, "nci", {"code": int(ErrorCode.INTERNAL), "reason": ""}),
-    MessageType.DONE: Message(MessageType.DONE, 9, body={"best_round": 7, "best_dice": 0.9}, tensors=weights()),
+    MessageType.DONE: Message(MessageType.DONE, 9, body={"rounds": 10, "best_round": 7, "best_dice": 0.9}),
 }
 
 
@@ -223,6 +226,12 @@ class TestBadMessage:
             pytest.param(raw_frame(header("ERROR", {"code": 4500, "reason": "stack trace"})), id="internal-detail"),
             pytest.param(raw_frame(header(), TENSOR_PAYLOAD), id="payload-on-heartbeat"),
             pytest.param(raw_frame(header("TRAIN", round=1)), id="train-without-tensors"),
+            pytest.param(raw_frame(header("MODEL", {"model": "final"})), id="model-without-tensors"),
+            pytest.param(raw_frame(header("MODEL", {"model": "last"}), TENSOR_PAYLOAD), id="unknown-model-name"),
+            pytest.param(raw_frame(header("DONE", {"rounds": 3}), TENSOR_PAYLOAD), id="tensors-on-done"),
+            pytest.param(
+                raw_frame(header("RESULT", {"case_dice": {"c1": 1.2}}, site="a")), id="case-dice-above-one"
+            ),
             pytest.param(raw_frame(header("TRAIN", round=1), b"not safetensors at all"), id="non-safetensors"),
             pytest.param(raw_frame(header("TRAIN", round=1), TENSOR_PAYLOAD[:-2]), id="truncated-safetensors"),
             pytest.param(

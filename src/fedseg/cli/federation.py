@@ -8,10 +8,8 @@ separate processes (:mod:`fedseg.federation.local`). :func:`register` adds
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from fedseg.cli.console import console
@@ -75,15 +73,17 @@ def server(
     import asyncio
 
     from rich.table import Table
-    from safetensors.numpy import save_file
 
+    from dataclasses import asdict
+
+    from fedseg.data.preprocess import PrepareConfig
     from fedseg.errors import FedsegError
     from fedseg.federation.provision import load_kit
     from fedseg.federation.rounds import RoundsConfig
     from fedseg.federation.rundir import RunDir
     from fedseg.federation.server import run_server
-    from fedseg.federation.strategies import make_aggregator
     from fedseg.federation.study import FederationConfig, StudyConfig, load_study_config
+    from fedseg.training.checkpoint import read_json
     from fedseg.training.config import TrainConfig
 
     if (out is None) == (resume is None):
@@ -100,7 +100,8 @@ def server(
             study = load_study_config(config)
         else:
             study = StudyConfig(FederationConfig.from_dict(recorded["federation"], str(resume)),
-                                TrainConfig.from_dict({**recorded["train"], "patch_size": tuple(recorded["train"]["patch_size"])}, str(resume)))
+                                TrainConfig.from_dict({**recorded["train"], "patch_size": tuple(recorded["train"]["patch_size"])}, str(resume)),
+                                PrepareConfig(**recorded.get("prepare", {})))
         if rounds is None:
             rounds = int(recorded["rounds"])
         if recorded.get("sites") != sites:
@@ -111,7 +112,7 @@ def server(
     federation = study.federation if rounds is None else study.federation.replace(rounds=rounds)
     train = study.train if threads is None else study.train.replace(threads=threads)
     _threads(train.threads)
-    aggregator = make_aggregator(federation.aggregator, federation.server_optimizer)
+    aggregator = federation.make_aggregator()
     weights, first_round = _numpy_state(train.network, train.seed), 0
     if resume is not None:
         point = run.resume_point()
@@ -124,30 +125,46 @@ def server(
         record = {
             "sites": sites, "rounds": federation.rounds, "aggregator": federation.aggregator,
             "server_optimizer": federation.server_optimizer, "min_sites": federation.quorum(len(sites)),
-            "fold": fold, "federation": federation.to_dict(), "train": train.to_dict(),
+            "fold": fold, "federation": federation.to_dict(), "train": train.to_dict(), "prepare": asdict(study.prepare),
             "study": server_kit.study.get("study"),
         }
         run = RunDir.create(out, record)
-    rounds_config = RoundsConfig(sites=tuple(sites), rounds=federation.rounds, min_sites=federation.quorum(len(sites)))
-    final = asyncio.run(
+    rounds_config = RoundsConfig(
+        sites=tuple(sites), rounds=federation.rounds, min_sites=federation.quorum(len(sites)), evaluate=federation.evaluate
+    )
+    asyncio.run(
         run_server(
             server_kit, run, rounds_config, aggregator, weights,
             host=host, port=port if port is not None else int(server_kit.study["port"]),
             round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
+            settings=StudyConfig(federation, train, study.prepare).site_settings(fold),
         )
     )
-    save_file({k: np.ascontiguousarray(v) for k, v in final.items()}, str(run.root / "final.safetensors"))
     state = run.state()
-    if state.get("best_round", -1) >= 0:
-        shutil.copyfile(run.round_folder(int(state["best_round"])) / "global.safetensors", run.root / "best.safetensors")
     summary = Table("round", "aggregated val Dice", "sites", "left out", title=f"federated study → {run.root}")
     for entry in run.rounds():
         left = ", ".join(f"{s} ({why})" for s, why in sorted(entry["left_out"].items())) or "-"
         summary.add_row(str(entry["round"]), f"{entry['aggregated_val_dice']:.4f}", ", ".join(sorted(entry["sites"])), left)
     console.print(summary)
+    evaluation = run.root / "evaluation.json"
+    if evaluation.is_file():
+        _print_evaluation(read_json(evaluation))
     if state.get("best_round", -1) >= 0:
         console.print(f"[green]done[/]: {state['completed_rounds']} rounds; best round {state['best_round']} "
                       f"(val Dice {state['best_dice']:.4f}); wrote final.safetensors and best.safetensors in {run.root}")
+
+
+def _print_evaluation(record: dict) -> None:
+    """The final model's test Dice per site, as the sites reported it."""
+    from rich.table import Table
+
+    table = Table("site", "test cases", "mean Dice", title="final model on each site's held-out test set")
+    for site, entry in record["sites"].items():
+        mean = "-" if entry["mean_dice"] is None else f"{entry['mean_dice']:.4f}"
+        table.add_row(site, str(entry["n"]), mean)
+    for site, why in record["left_out"].items():
+        table.add_row(site, "-", f"no result: {why}")
+    console.print(table)
 
 
 class _FedProxTrainer:
@@ -171,7 +188,9 @@ def client(
     audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log: one JSON line per update sent (default: KIT/audit.jsonl)."),
     server_url: str | None = typer.Option(None, "--server-url", help="wss://HOST:PORT (default: the kit's)."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
-    retries: int = typer.Option(5, min=0, help="Reconnections allowed after a lost connection."),
+    retries: int = typer.Option(10, min=0, help="Failed reconnections allowed in a row (delay 2 s, doubling up to 30 s)."),
+    models: Path | None = typer.Option(None, "--models", help="Where the final and best models received at the end are kept (default: KIT/models)."),
+    share_case_names: bool = typer.Option(False, "--share-case-names", help="Send case names with the test Dice (default: case-001, case-002, ...)."),
 ) -> None:
     """Take part in a federated study: train on this site every round; only weights and scores leave."""
     import asyncio
@@ -180,6 +199,7 @@ def client(
     from fedseg.errors import FedsegError
     from fedseg.federation.client import run_client
     from fedseg.federation.provision import load_kit
+    from fedseg.federation.site import SiteOutputs
     from fedseg.federation.study import load_study_config
     from fedseg.models import build_model
     from fedseg.training.data import SiteData
@@ -201,10 +221,18 @@ def client(
     trainer = LocalTrainer(build_model(train.network, seed=train.seed), training.train, training.val, train, loss=loss)
     participant = trainer if loss is None else _FedProxTrainer(trainer, loss)
     audit = audit_log if audit_log is not None else site_kit.directory / "audit.jsonl"
-    final = asyncio.run(run_client(site_kit, participant, server_url=server_url, audit_log=audit, retries=retries))  # type: ignore[arg-type]
+    models_dir = models if models is not None else site_kit.directory / "models"
+    outputs = SiteOutputs(models_dir, site, fold, train, study.prepare, str(site_kit.study.get("study", "")))
+    asyncio.run(
+        run_client(
+            site_kit, participant, server_url=server_url, audit_log=audit, retries=retries,  # type: ignore[arg-type]
+            on_model=outputs.on_model, evaluate=outputs.evaluate, share_case_names=share_case_names,
+            settings=study.site_settings(fold),
+        )
+    )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "
-                  f"({len(training.train)} train / {len(training.val)} val cases); received the final model "
-                  f"({len(final)} tensors); audit log {audit}")
+                  f"({len(training.train)} train / {len(training.val)} val cases); final and best models in "
+                  f"{models_dir}; audit log {audit}")
 
 
 def federate(

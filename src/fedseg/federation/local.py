@@ -7,8 +7,10 @@ server process and one client process per site, each a separate
 127.0.0.1. Layout of ``RUN_DIR``::
 
     RUN_DIR/kits/{ca,server,<site>}/     throw-away kits (study "local")
-    RUN_DIR/fold<k>/                     the server's run directory of fold k
-                                         (rounds/, state.json, final/best.safetensors)
+    RUN_DIR/fold<k>/                     the server's run directory of fold k (rounds/,
+                                         state.json, final/best.safetensors, evaluation.json:
+                                         the final model's per-case Dice on each site's test set)
+    RUN_DIR/sites/<site>/{final,best}/   the models each site received (its copy of the FL model)
     RUN_DIR/audit/fold<k>/<site>.jsonl   each site's audit log (what left it)
     RUN_DIR/logs/fold<k>/<name>.log      stdout+stderr of every process
     RUN_DIR/model/                       model directory for predict/evaluate:
@@ -182,7 +184,8 @@ def run_fold(
         for name, site_dir in zip(names, site_dirs, strict=True):
             client_args = [
                 "client", "--kit", kits / name, "--data", site_dir, "--cache", cache,
-                "--audit-log", audit / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}", *common,
+                "--audit-log", audit / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}",
+                "--models", out / "sites" / name, "--share-case-names", *common,  # all on this machine
             ]
             processes.start(f"client {name}", fedseg_command(*client_args), logs / f"{name}.log")
         codes = processes.wait_all(on_exit)

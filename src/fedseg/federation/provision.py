@@ -493,8 +493,9 @@ KEEP THIS FOLDER OFFLINE (e.g. an encrypted USB stick in a safe).
 It is not part of any start-up kit and must never be sent to a site or the server.
 
   ca.key   the CA's private key (mode 0600). Whoever holds it can create
-           certificates every participant trusts. Needed only to add sites
-           or renew certificates later.
+           certificates every participant trusts. fedseg provision does not
+           reuse it yet: adding a site or renewing certificates means
+           provisioning a new study CA and handing out new kits.
   ca.pem   the CA's certificate (public; also in every kit).
 
 Sites provisioned: {", ".join(sites)}
@@ -507,7 +508,13 @@ fedseg start-up kit -- SERVER of study '{doc["study"]}'
 
 Run on the host '{doc["server_name"]}'; inbound TCP port {doc["port"]} must be open to the sites:
 
-    fedseg server --kit {shlex.quote(str(folder))}
+    fedseg server --kit {shlex.quote(str(folder))} --config study.toml --out RUN_DIR
+
+(adjust the kit path if you moved this folder). study.toml holds the study's
+settings (rounds, aggregator, quorum, training); RUN_DIR must be a new folder.
+Every completed round is kept there; after a crash or reboot continue with:
+
+    fedseg server --kit {shlex.quote(str(folder))} --resume RUN_DIR
 
 Files
   server.key  this server's private key (mode 0600). Never copy it anywhere else.
@@ -525,10 +532,14 @@ fedseg start-up kit -- SITE '{doc["site"]}' of study '{doc["study"]}'
 Run on this site's training machine (outbound connection to {doc["server_url"]} only;
 no inbound port is needed):
 
-    fedseg client --kit {shlex.quote(str(folder))} --data SITE_DIR
+    fedseg client --kit {shlex.quote(str(folder))} --data SITE_DIR --config study.toml
 
-where SITE_DIR is this site's prepared data folder. Only model weights and
-declared scalar metrics leave the site.
+where SITE_DIR is this site's data folder (images/ and labels/) and study.toml
+is the study's settings file from the coordinator (the same as the server's).
+Only model weights and declared scalar metrics leave the site, and at the end
+the per-case Dice of the final model on this site's test cases (under
+pseudonyms); audit.jsonl in this folder lists everything that was sent. The
+final and best models arrive in models/ here, ready for 'fedseg predict'.
 
 Files
   client.key  this site's private key (mode 0600). Never copy it anywhere else.
@@ -638,6 +649,17 @@ def _read(path: Path) -> bytes:
         raise FedsegError(f"cannot read kit file {path}: {exc.strerror or exc}") from exc
 
 
+def check_kit_dates(kit: Kit) -> None:
+    """Refuse a kit whose certificate or CA is not valid now (a long study can outlive them).
+
+    Raises:
+        FedsegError: names the certificate and the date it expired or becomes valid.
+    """
+    now = _now()
+    _check_valid_at(_load_cert(kit.ca), kit.ca, now)
+    _check_valid_at(_load_cert(kit.cert), kit.cert, now)
+
+
 def _check_kit(kit: Kit) -> None:
     ca = _load_cert(kit.ca)
     cert = _load_cert(kit.cert)
@@ -645,9 +667,7 @@ def _check_kit(kit: Kit) -> None:
     if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
         raise FedsegError(f"{kit.key} does not belong to the certificate {kit.cert}")
     _check_signed_by(cert, kit.cert, ca, kit.ca)
-    now = _now()
-    _check_valid_at(ca, kit.ca, now)
-    _check_valid_at(cert, kit.cert, now)
+    check_kit_dates(kit)
     if kit.role == "site" and site_identity(cert) != kit.name:
         raise FedsegError(f"{kit.cert} is for site {site_identity(cert)!r}, but the kit is for site {kit.name!r}")
 

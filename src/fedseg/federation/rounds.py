@@ -19,7 +19,13 @@ Rules (the [federation] issue, item 6):
   aggregates if at least ``min_sites`` updates were accepted, otherwise the
   study fails with a message naming every missing site and why;
 * an update the aggregator rejects (wrong tensors, NaN, Dice outside [0, 1]…)
-  counts as that site failing and never reaches the global model.
+  counts as that site failing and never reaches the global model;
+* after the last round comes the final step (item 8), started by the same
+  rule as a round: every connected site receives the final and the best
+  models (:class:`SendFinal`) and, when ``evaluate`` is on, tests the final
+  model on its held-out cases and answers with per-case Dice. A site that
+  joins during this step is served too; one that fails or times out is
+  reported, but the study — already trained — does not fail for it.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from fedseg.federation.strategies import Aggregator, RoundResult, Update, Update
 class Phase(IntEnum):
     WAITING = 0  # fewer than min_sites connected
     TRAINING = 1  # a round is open
-    DONE = 2
-    FAILED = 3
+    FINISHING = 2  # final step: models out, per-case test Dice in
+    DONE = 3
+    FAILED = 4
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class RoundsConfig:
     sites: tuple[str, ...]
     rounds: int
     min_sites: int
+    evaluate: bool = True  # final step: ask each site for per-case Dice of the final model
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_sites <= len(self.sites):
@@ -74,28 +82,51 @@ class RoundCompleted:
 
 
 @dataclass(frozen=True)
+class SendFinal:
+    """Send ``site`` the final and the best models, and ask it to evaluate the final one if ``evaluate``."""
+
+    site: str
+    evaluate: bool
+
+
+@dataclass(frozen=True)
+class EvaluationCompleted:
+    """Per-case test Dice of the final model, by site; ``left_out`` maps sites to why they have none."""
+
+    case_dice: dict[str, dict[str, float]]
+    left_out: dict[str, str]
+
+
+@dataclass(frozen=True)
 class StudyDone:
     rounds: int
 
 
 @dataclass(frozen=True)
 class StudyFailed:
+    """``reason`` names the sites and is for the server's log; ``public_reason`` (counts only) goes to the sites."""
+
     reason: str
+    public_reason: str
 
 
-Action = SendTrain | RoundCompleted | StudyDone | StudyFailed
+Action = SendTrain | RoundCompleted | SendFinal | EvaluationCompleted | StudyDone | StudyFailed
 
 
 @dataclass
 class _OpenRound:
+    """A training round, or (``final``) the final step numbered ``config.rounds``."""
+
     number: int
     asked: set[str]
+    final: bool = False
     updates: dict[str, Update] = field(default_factory=dict)
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def pending(self) -> set[str]:
-        return self.asked - set(self.updates) - set(self.left_out)
+        return self.asked - set(self.updates) - set(self.results) - set(self.left_out)
 
 
 class ServerRounds:
@@ -106,15 +137,23 @@ class ServerRounds:
         aggregator: folds updates into the new global model.
         global_weights: the model at the start of ``first_round``.
         first_round: 0 for a new study; the number of completed rounds when resuming.
+        finished: the final step already took place (resuming a finished run).
     """
 
-    def __init__(self, config: RoundsConfig, aggregator: Aggregator, global_weights: dict[str, np.ndarray], first_round: int = 0) -> None:
+    def __init__(
+        self,
+        config: RoundsConfig,
+        aggregator: Aggregator,
+        global_weights: dict[str, np.ndarray],
+        first_round: int = 0,
+        finished: bool = False,
+    ) -> None:
         self.config = config
         self.aggregator = aggregator
         self.global_weights = global_weights
         self.next_round = first_round
         self.connected: set[str] = set()
-        self.phase = Phase.DONE if first_round >= config.rounds else Phase.WAITING
+        self.phase = Phase.DONE if finished and first_round >= config.rounds else Phase.WAITING
         self._round: _OpenRound | None = None
 
     @property
@@ -124,7 +163,7 @@ class ServerRounds:
 
     @property
     def round_open(self) -> int | None:
-        """Number of the running round (the I/O layer arms its timer), or None."""
+        """Number of the running round or final step (the I/O layer arms its timer), or None."""
         return self._round.number if self._round is not None else None
 
     # ---------------------------------------------------------------- events
@@ -136,6 +175,11 @@ class ServerRounds:
         self.connected.add(site)
         if self.phase == Phase.WAITING and self.connected == set(self.config.sites):
             return self._start_round()
+        current = self._round
+        if current is not None and current.final and site not in current.results:
+            current.left_out.pop(site, None)  # rejoined: serve it after all
+            current.asked.add(site)
+            return [SendFinal(site, self.config.evaluate)]
         return []
 
     def quorum_wait_expired(self) -> list[Action]:
@@ -150,13 +194,21 @@ class ServerRounds:
     def update_received(self, site: str, update: Update) -> list[Action]:
         """An update for the open round; rejected updates leave the site out."""
         current = self._round
-        if current is None or site not in current.pending:
+        if current is None or current.final or site not in current.pending:
             return []  # late or unsolicited: ignored, never aggregated
         try:
             self.aggregator.add(update)
         except UpdateRejected as exc:
             return self._leave_out(site, f"update rejected: {exc.reason}")
         current.updates[site] = update
+        return self._maybe_complete()
+
+    def result_received(self, site: str, case_dice: dict[str, float]) -> list[Action]:
+        """Per-case test Dice of the final model from ``site``."""
+        current = self._round
+        if current is None or not current.final or site not in current.pending:
+            return []  # unsolicited: ignored
+        current.results[site] = dict(case_dice)
         return self._maybe_complete()
 
     def round_timed_out(self, round_number: int) -> list[Action]:
@@ -178,32 +230,39 @@ class ServerRounds:
         return self._maybe_complete()
 
     def _start_round(self) -> list[Action]:
+        if self.next_round >= self.config.rounds:
+            return self._start_final()
         self.phase = Phase.TRAINING
         self._round = _OpenRound(self.next_round, set(self.connected))
         self.aggregator.start_round(self.global_weights)
         return [SendTrain(site, self.next_round) for site in sorted(self.connected)]
+
+    def _start_final(self) -> list[Action]:
+        sends: list[Action] = [SendFinal(site, self.config.evaluate) for site in sorted(self.connected)]
+        if not self.config.evaluate:
+            self.phase = Phase.DONE
+            return [*sends, StudyDone(self.config.rounds)]
+        self.phase = Phase.FINISHING
+        self._round = _OpenRound(self.config.rounds, set(self.connected), final=True)
+        return sends
 
     def _maybe_complete(self) -> list[Action]:
         current = self._round
         if current is None or current.pending:
             return []
         self._round = None
+        if current.final:
+            self.phase = Phase.DONE
+            return [EvaluationCompleted(dict(current.results), dict(current.left_out)), StudyDone(self.config.rounds)]
         if len(current.updates) < self.config.min_sites:
             self.phase = Phase.FAILED
             missing = "; ".join(f"{site}: {why}" for site, why in sorted(current.left_out.items()))
-            return [
-                StudyFailed(
-                    f"round {current.number}: {len(current.updates)} update(s) accepted, "
-                    f"min_sites is {self.config.min_sites} ({missing or 'no site answered'})"
-                )
-            ]
+            counts = f"round {current.number}: {len(current.updates)} update(s) accepted, min_sites is {self.config.min_sites}"
+            return [StudyFailed(f"{counts} ({missing or 'no site answered'})", f"{counts}; the study stopped")]
         result = self.aggregator.finish()
         self.global_weights = result.weights
         actions: list[Action] = [RoundCompleted(current.number, result, dict(current.updates), dict(current.left_out))]
         self.next_round = current.number + 1
-        if self.next_round >= self.config.rounds:
-            self.phase = Phase.DONE
-            return [*actions, StudyDone(self.next_round)]
         self.phase = Phase.WAITING
         if len(self.connected) >= self.config.min_sites:
             actions.extend(self._start_round())

@@ -6,7 +6,9 @@ Layout::
     RUN_DIR/rounds/0000/global.safetensors   global weights after round 0
     RUN_DIR/rounds/0000/server_optimizer.safetensors   FedAdam moments (when used)
     RUN_DIR/rounds/0000/round.json      per-site metrics, aggregation weights, left-out sites
-    RUN_DIR/state.json                  commit point: completed rounds, best round
+    RUN_DIR/state.json                  commit point: completed rounds, best round, finished
+    RUN_DIR/evaluation.json             final step: each site's per-case test Dice of the final model
+    RUN_DIR/final.safetensors, best.safetensors   written when the study is finished
 
 A round's files are written first and ``state.json`` is replaced atomically
 last, so after a crash at any instant — ``kill -9`` included — the run
@@ -25,12 +27,13 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedseg.errors import FedsegError
-from fedseg.federation.rounds import RoundCompleted
+from fedseg.federation.rounds import EvaluationCompleted, RoundCompleted
 from fedseg.training.checkpoint import read_json, write_json
 
 RUN_FORMAT = 1
 STATE = "state.json"
 RUN = "run.json"
+EVALUATION = "evaluation.json"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,13 @@ def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".partial")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        raise FedsegError(f"{path}: committed round cannot be read ({exc})") from exc
 
 
 def aggregated_dice(completed: RoundCompleted) -> float:
@@ -108,6 +118,36 @@ class RunDir:
         )
         return folder
 
+    def best(self) -> tuple[int, float, dict[str, np.ndarray]] | None:
+        """(round, aggregated validation Dice, weights) of the best committed round, or None."""
+        state = self.state()
+        if state.get("best_round", -1) < 0:
+            return None
+        number = int(state["best_round"])
+        return number, float(state["best_dice"]), _load(self.round_folder(number) / "global.safetensors")
+
+    def save_evaluation(self, completed: EvaluationCompleted) -> Path:
+        """Write the final step's per-case Dice (``evaluation.json``)."""
+        sites = {
+            site: {"n": len(scores), "mean_dice": float(np.mean(list(scores.values()))) if scores else None, "case_dice": scores}
+            for site, scores in sorted(completed.case_dice.items())
+        }
+        record = {"model": "final", "rounds": self.state()["completed_rounds"], "sites": sites, "left_out": completed.left_out}
+        write_json(self.root / EVALUATION, record)
+        return self.root / EVALUATION
+
+    def finish(self, final_weights: dict[str, np.ndarray]) -> None:
+        """Keep the final and best models at the top of the run and mark the study finished."""
+        _save_tensors(self.root / "final.safetensors", final_weights)
+        best = self.best()
+        if best is not None:
+            _save_tensors(self.root / "best.safetensors", best[2])
+        write_json(self.root / STATE, {**self.state(), "finished": True})
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.state().get("finished", False))
+
     def state(self) -> dict[str, Any]:
         path = self.root / STATE
         return read_json(path) if path.is_file() else {"completed_rounds": 0}
@@ -124,12 +164,9 @@ class RunDir:
         if done == 0:
             return None
         folder = self.round_folder(done - 1)
-        try:
-            weights = load_file(str(folder / "global.safetensors"))
-            optimizer_path = folder / "server_optimizer.safetensors"
-            optimizer = load_file(str(optimizer_path)) if optimizer_path.is_file() else None
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-            raise FedsegError(f"{folder}: committed round cannot be read ({exc})") from exc
+        weights = _load(folder / "global.safetensors")
+        optimizer_path = folder / "server_optimizer.safetensors"
+        optimizer = _load(optimizer_path) if optimizer_path.is_file() else None
         return ResumePoint(done, weights, optimizer, int(state["best_round"]), float(state["best_dice"]))
 
 

@@ -11,7 +11,10 @@ this module only
 * turns frames into events (UPDATE → ``update_received``, a lost connection
   → ``site_failed``) and timers into events (round deadline, grace period);
 * carries out the actions: sends TRAIN, persists completed rounds in the
-  :class:`~fedseg.federation.rundir.RunDir`, sends DONE or ERROR at the end.
+  :class:`~fedseg.federation.rundir.RunDir`; at the end sends every site the
+  final and best models (MODEL) and an EVALUATE, keeps the per-case Dice
+  they return (RESULT) in ``evaluation.json``, then sends DONE — or ERROR
+  with STUDY_FAILED and a reason that names no other site.
 
 Keepalive is websockets' own ping/pong, independent of training. Logs go to
 the ``fedseg.server`` logger and name sites, rounds and reasons — never
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,9 +38,11 @@ from fedseg.federation import wire
 from fedseg.federation.provision import Kit
 from fedseg.federation.rounds import (
     Action,
+    EvaluationCompleted,
     Phase,
     RoundCompleted,
     RoundsConfig,
+    SendFinal,
     SendTrain,
     ServerRounds,
     StudyDone,
@@ -112,8 +118,10 @@ class _Study:
         round_timeout_s: float,
         grace_s: float,
         on_event: EventHook | None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.settings = settings
         self.rounds = rounds
         self.allowed = frozenset(rounds.config.sites) & kit.allowed_sites
         self.round_timeout_s = round_timeout_s
@@ -124,6 +132,7 @@ class _Study:
         self._round_timer: tuple[int, asyncio.TimerHandle] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
         self._train_frames: tuple[int, list[bytes]] | None = None
+        self._final_frames: list[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- connections
@@ -190,7 +199,9 @@ class _Study:
             await previous.close(1000, "replaced by a new connection")
         self.connections[site] = ws
         log.info("site %s joined from %s", site, ws.remote_address)
-        body = {"version": wire.PROTOCOL_VERSION, "rounds": self.rounds.config.rounds}
+        body: dict[str, Any] = {"version": wire.PROTOCOL_VERSION, "rounds": self.rounds.config.rounds}
+        if self.settings is not None:
+            body["config"] = self.settings
         welcome = Message(MessageType.WELCOME, site=site, body=body)
         await _send(ws, [wire.encode(welcome)])
         await self._carry_out(self.rounds.site_connected(site))
@@ -225,6 +236,10 @@ class _Study:
             if message.site != site:
                 return f"UPDATE signed as {message.site!r}"
             await self._carry_out(self.rounds.update_received(site, _update_from(site, message)))
+        elif message.type is MessageType.RESULT:
+            case_dice = {case: float(dice) for case, dice in message.body["case_dice"].items()}
+            log.info("site %s: final model evaluated on %d test case(s)", site, len(case_dice))
+            await self._carry_out(self.rounds.result_received(site, case_dice))
         elif message.type is MessageType.ERROR:
             return f"site reported an error: {message.body['reason'] or ErrorCode(message.body['code']).name}"
         elif message.type is not MessageType.HEARTBEAT:
@@ -242,6 +257,10 @@ class _Study:
                 await self._send_train(action)
             elif isinstance(action, RoundCompleted):
                 self._commit(action)
+            elif isinstance(action, SendFinal):
+                await self._send_final(action)
+            elif isinstance(action, EvaluationCompleted):
+                self._record_evaluation(action)
             elif isinstance(action, StudyDone):
                 await self._finish_done(action)
             elif isinstance(action, StudyFailed):
@@ -257,6 +276,35 @@ class _Study:
             self._train_frames = (action.round, wire.to_frames(train))
         await _send(ws, self._train_frames[1])
 
+    def _final_messages(self, evaluate: bool) -> list[bytes]:
+        """MODEL final, MODEL best, then EVALUATE naming the final model (built once, sent to each site)."""
+        if self._final_frames is None:
+            last = self.rounds.config.rounds - 1
+            final_dice = float(self.run_dir.rounds()[last]["aggregated_val_dice"])
+            body = {"model": "final", "val_dice": min(max(final_dice, 0.0), 1.0)}
+            frames = wire.to_frames(Message(MessageType.MODEL, round=last, body=body, tensors=self.rounds.global_weights))
+            best = self.run_dir.best()
+            if best is not None:
+                best_round, best_dice, best_weights = best
+                best_body = {"model": "best", "val_dice": min(max(best_dice, 0.0), 1.0)}
+                frames += wire.to_frames(Message(MessageType.MODEL, round=best_round, body=best_body, tensors=best_weights))
+            if evaluate:
+                frames.append(wire.encode(Message(MessageType.EVALUATE, round=last, body={"model": "final"})))
+            self._final_frames = frames
+        return self._final_frames
+
+    async def _send_final(self, action: SendFinal) -> None:
+        ws = self.connections.get(action.site)
+        if ws is not None:
+            log.info("sending the final and best models to %s%s", action.site, " for evaluation" if action.evaluate else "")
+            await _send(ws, self._final_messages(action.evaluate))
+
+    def _record_evaluation(self, completed: EvaluationCompleted) -> None:
+        path = self.run_dir.save_evaluation(completed)
+        for site, why in sorted(completed.left_out.items()):
+            log.warning("final evaluation: site %s has no result: %s", site, why)
+        log.info("final evaluation: %d site(s) answered; per-case Dice in %s", len(completed.case_dice), path)
+
     def _commit(self, completed: RoundCompleted) -> None:
         state_dict = getattr(self.rounds.aggregator, "state_dict", None)
         self.run_dir.save_round(completed, state_dict() if callable(state_dict) else None)
@@ -270,11 +318,12 @@ class _Study:
         )
 
     async def _finish_done(self, done: StudyDone) -> None:
+        self.run_dir.finish(self.rounds.global_weights)
         state = self.run_dir.state()
         body: dict[str, Any] = {"rounds": done.rounds}
         if state.get("best_round", -1) >= 0:
-            body.update(best_round=int(state["best_round"]), best_dice=float(state["best_dice"]))
-        frames = wire.to_frames(Message(MessageType.DONE, body=body, tensors=self.rounds.global_weights))
+            body.update(best_round=int(state["best_round"]), best_dice=min(max(float(state["best_dice"]), 0.0), 1.0))
+        frames = wire.to_frames(Message(MessageType.DONE, body=body))
         await asyncio.gather(*(_send(ws, frames) for ws in list(self.connections.values())))
         log.info("study done after %d rounds", done.rounds)
         if not self.finished.done():
@@ -282,8 +331,9 @@ class _Study:
 
     async def _finish_failed(self, failed: StudyFailed) -> None:
         log.error("study failed: %s", failed.reason)
-        # INTERNAL carries no detail: the reason names other sites, which a site need not learn.
-        frame = wire.encode(Message(MessageType.ERROR, body={"code": int(ErrorCode.INTERNAL), "reason": ""}))
+        # the sites get counts only: the full reason names other sites, which a site need not learn
+        body = {"code": int(ErrorCode.STUDY_FAILED), "reason": failed.public_reason}
+        frame = wire.encode(Message(MessageType.ERROR, body=body))
         await asyncio.gather(*(_send(ws, [frame]) for ws in list(self.connections.values())))
         if not self.finished.done():
             self.finished.set_exception(FedsegError(failed.reason))
@@ -328,6 +378,11 @@ class _Study:
                 handle.cancel()
 
 
+def _log_tls_refusal(error: ssl.SSLError) -> None:
+    reason = getattr(error, "verify_message", None) or error.reason or str(error)
+    log.warning("refused a TLS connection: %s (%s)", reason, error.__class__.__name__)
+
+
 def _as_bytes(frame: str | bytes) -> bytes:
     if isinstance(frame, str):
         raise wire.BadMessage("text frames are not part of the protocol; send binary frames")
@@ -347,6 +402,7 @@ async def run_server(
     grace_s: float,
     first_round: int = 0,
     on_event: EventHook | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Serve one federated study until its last round; returns the final global weights.
 
@@ -362,6 +418,8 @@ async def run_server(
             before starting a round.
         first_round: 0 for a new study; the number of completed rounds when resuming.
         on_event: called with every action of the round machine (tests, progress display).
+        settings: study settings every site must share (sent in WELCOME; a site
+            whose own differ refuses to take part, saying which).
 
     Raises:
         FedsegError: the study failed (quorum lost); the reason names the missing sites.
@@ -369,10 +427,11 @@ async def run_server(
     study = _Study(
         kit,
         run_dir,
-        ServerRounds(config, aggregator, dict(initial_weights), first_round),
+        ServerRounds(config, aggregator, dict(initial_weights), first_round, finished=run_dir.finished),
         round_timeout_s=round_timeout_s,
         grace_s=grace_s,
         on_event=on_event,
+        settings=settings,
     )
     if study.rounds.phase is Phase.DONE:
         return dict(initial_weights)
@@ -381,7 +440,7 @@ async def run_server(
             study.handle,
             host,
             port,
-            ssl=server_context(kit),
+            ssl=server_context(kit, _log_tls_refusal),
             max_size=wire.DEFAULT_MAX_FRAME,
             compression=None,  # weights barely compress; deflate would only cost CPU
             ping_interval=PING_INTERVAL_S,

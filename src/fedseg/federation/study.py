@@ -6,9 +6,11 @@ rounds = 40
 min_sites = 2            # default: every site
 aggregator = "dice-weighted"   # or sample-weighted, uniform
 server_optimizer = "fedadam"   # optional
+server_optimizer_options = { eta = 0.01 }   # optional: eta, beta1, beta2, tau
 round_timeout_s = 3600.0
 grace_s = 60.0
 fedprox_mu = 0.0         # > 0: FedProx proximal term in every site's local loss
+evaluate = true          # at the end, every site tests the final model on its held-out cases
 
 [train]                  # every site's local trainer (TrainConfig)
 [prepare]                # preprocessing (PrepareConfig)
@@ -31,10 +33,10 @@ from typing import Any
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
-from fedseg.federation.strategies import AGGREGATORS, SERVER_OPTIMIZERS
+from fedseg.federation.strategies import AGGREGATORS, SERVER_OPTIMIZERS, Aggregator, make_aggregator
 from fedseg.training.config import TrainConfig
 
-__all__ = ["FederationConfig", "StudyConfig", "load_study_config", "read_toml"]
+__all__ = ["FederationConfig", "StudyConfig", "load_study_config", "read_toml", "settings_differences"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,23 @@ class FederationConfig:
         min_sites: quorum; None = every site of the study.
         aggregator: ``dice-weighted`` (the paper), ``sample-weighted`` or ``uniform``.
         server_optimizer: None, or ``fedadam``.
+        server_optimizer_options: the server optimiser's settings (FedAdam: eta, beta1, beta2, tau).
         round_timeout_s: a site that has not answered a round by then is left out of it.
         grace_s: once the quorum is connected, how long to wait for the others.
         fedprox_mu: FedProx coefficient used by the clients (0 = off).
+        evaluate: after the last round, each site tests the final model on its
+            held-out test cases and returns per-case Dice (kept in evaluation.json).
     """
 
     rounds: int = 40
     min_sites: int | None = None
     aggregator: str = "dice-weighted"
     server_optimizer: str | None = None
+    server_optimizer_options: dict[str, float] = field(default_factory=dict)
     round_timeout_s: float = 3600.0
     grace_s: float = 60.0
     fedprox_mu: float = 0.0
+    evaluate: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -78,6 +85,20 @@ class FederationConfig:
         if not isinstance(self.fedprox_mu, int | float) or not (math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0):
             raise FedsegError(f"federation.fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
         object.__setattr__(self, "fedprox_mu", float(self.fedprox_mu))
+        if not isinstance(self.evaluate, bool):
+            raise FedsegError(f"federation.evaluate must be true or false, got {self.evaluate!r}")
+        if not isinstance(self.server_optimizer_options, dict):
+            raise FedsegError("federation.server_optimizer_options must be a table, e.g. { eta = 0.01 }")
+        if self.server_optimizer_options and self.server_optimizer is None:
+            raise FedsegError("federation.server_optimizer_options is set but federation.server_optimizer is not")
+        try:
+            self.make_aggregator()
+        except (FedsegError, TypeError, ValueError) as exc:
+            raise FedsegError(f"federation.server_optimizer_options: {exc}") from exc
+
+    def make_aggregator(self) -> Aggregator:
+        """A fresh aggregator as configured (a new one per run)."""
+        return make_aggregator(self.aggregator, self.server_optimizer, **self.server_optimizer_options)
 
     def quorum(self, n_sites: int) -> int:
         """``min_sites``, or every site when unset."""
@@ -105,6 +126,23 @@ class StudyConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def site_settings(self, fold: int) -> dict[str, Any]:
+        """What every site must share with the server (sent in WELCOME; threads are each machine's own)."""
+        train = {key: value for key, value in self.train.to_dict().items() if key != "threads"}
+        return {"fold": fold, "fedprox_mu": self.federation.fedprox_mu, "train": train, "prepare": asdict(self.prepare)}
+
+
+def settings_differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: mine vs theirs`` for every (dotted) key whose values differ."""
+    differences = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += settings_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a!r} here vs {b!r} on the server")
+    return differences
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -19,13 +19,17 @@ is not a site of this study.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 from cryptography import x509
 
 from fedseg.errors import FedsegError
 from fedseg.federation.provision import Kit, site_identity
 
-__all__ = ["MINIMUM_VERSION", "client_context", "peer_site", "server_context"]
+__all__ = ["MINIMUM_VERSION", "HandshakeHook", "client_context", "peer_site", "server_context"]
+
+HandshakeHook = Callable[[ssl.SSLError], None]
+"""Told why a TLS handshake failed (server side)."""
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 """Oldest TLS version accepted by either side."""
@@ -57,13 +61,35 @@ def _require_role(kit: Kit, role: str) -> None:
         raise FedsegError(f"{kit.directory} is a {kit.role} kit; a {role} kit is needed here")
 
 
-def server_context(kit: Kit) -> ssl.SSLContext:
+def _reporting(on_failure: HandshakeHook) -> type[ssl.SSLObject]:
+    """An SSLObject class that reports handshake failures before raising them.
+
+    asyncio closes a connection whose handshake failed without a word (it logs
+    only in debug mode, and under TLS 1.3 the client never sees the alert), so
+    this is where a refused certificate can be named in the server's log.
+    """
+
+    class ReportingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # not a failure: the handshake needs more bytes
+            except ssl.SSLError as exc:
+                on_failure(exc)
+                raise
+
+    return ReportingSSLObject
+
+
+def server_context(kit: Kit, on_handshake_failure: HandshakeHook | None = None) -> ssl.SSLContext:
     """TLS context for the federated server: mutual TLS, study CA only.
 
     ``verify_mode`` is CERT_REQUIRED, so a client without a certificate, or with
     one not issued by the study CA or outside its validity, fails the
     handshake. Whether the verified identity is a site of *this* study is
-    checked afterwards with :func:`peer_site`.
+    checked afterwards with :func:`peer_site`. ``on_handshake_failure`` is
+    told why each failed handshake failed (for the server's log).
 
     Raises:
         FedsegError: ``kit`` is not a server kit, or its files cannot be loaded.
@@ -71,6 +97,8 @@ def server_context(kit: Kit) -> ssl.SSLContext:
     _require_role(kit, "server")
     context = _base_context(ssl.PROTOCOL_TLS_SERVER, kit)
     context.verify_mode = ssl.CERT_REQUIRED
+    if on_handshake_failure is not None:
+        context.sslobject_class = _reporting(on_handshake_failure)
     return context
 
 
@@ -109,3 +137,4 @@ def peer_site(ssl_object: ssl.SSLObject | ssl.SSLSocket, allowed: set[str] | fro
     if name not in allowed:
         raise FedsegError(f"certificate identity {name!r} is not a site of this study")
     return name
+

@@ -128,7 +128,9 @@ class ErrorCode(IntEnum):
 
     BAD_MESSAGE = 4400
     UNKNOWN_SITE = 4403
+    SETTINGS_MISMATCH = 4412  # a site's study settings differ from the server's
     TOO_BIG = 4413
+    STUDY_FAILED = 4409  # quorum lost; the reason gives counts, never other sites' names
     REJECTED_UPDATE = 4422
     INTERNAL = 4500  # carries no detail: details may be sensitive
     VERSION_MISMATCH = 4505
@@ -268,6 +270,14 @@ def _json(path: str, value: Any, depth: int = 0) -> None:
         raise BadMessage(f"{path} is not bounded JSON: {_show(value)}")
 
 
+def _one_of(*choices: str) -> Check:
+    def check(path: str, value: Any) -> None:
+        if value not in choices:
+            raise BadMessage(f"{path} must be one of {list(choices)}, got {_show(value)}")
+
+    return check
+
+
 def _uuid_hex(path: str, value: Any) -> None:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
         raise BadMessage(f"{path} must be 32 lowercase hex digits, got {_show(value)}")
@@ -284,11 +294,12 @@ class MessageType(Enum):
     REFUSE = "REFUSE"  # server -> site during the handshake: code + reason
     TRAIN = "TRAIN"  # server -> site: global weights, train one round
     UPDATE = "UPDATE"  # site -> server: local weights + num_samples + val_dice
-    EVALUATE = "EVALUATE"  # server -> site: a model to test on the held-out set
+    MODEL = "MODEL"  # server -> site at the end: the final or the best global model
+    EVALUATE = "EVALUATE"  # server -> site: test a model (sent, or named) on the held-out set
     RESULT = "RESULT"  # site -> server: per-case Dice of an EVALUATE
     HEARTBEAT = "HEARTBEAT"  # either way, independent of training
     ERROR = "ERROR"  # either way: the session ends, code + reason
-    DONE = "DONE"  # server -> site: training over, optionally final/best weights
+    DONE = "DONE"  # server -> site: the study is over
     CHUNK = "CHUNK"  # a slice of a message too big for one frame
 
 
@@ -331,6 +342,7 @@ def _chunk_rule(body: Mapping[str, Any]) -> None:
 R, O, F = Need.REQUIRED, Need.OPTIONAL, Need.FORBIDDEN
 _ERROR_BODY = {"code": _code, "reason": _text()}
 _METRICS = _scores(_float())
+_MODEL_NAME = _one_of("final", "best")
 _SCHEMAS: dict[MessageType, _Schema] = {
     MessageType.HELLO: _Schema(F, R, F, {"versions": _versions}, {"software": _text(MAX_NAME)}),
     MessageType.WELCOME: _Schema(
@@ -341,11 +353,15 @@ _SCHEMAS: dict[MessageType, _Schema] = {
         R, O, R, {}, {"epochs": _int(1), "iterations": _int(1), "config": _json}, rule=_epochs_or_iterations
     ),
     MessageType.UPDATE: _Schema(R, R, R, {"num_samples": _int(1), "val_dice": _float(0.0, 1.0), "metrics": _METRICS}),
-    MessageType.EVALUATE: _Schema(O, O, R, {}, {"model": _text(MAX_NAME)}),
-    MessageType.RESULT: _Schema(O, R, F, {"case_dice": _scores(_float(0.0, 1.0))}, {"metrics": _METRICS}),
+    MessageType.MODEL: _Schema(O, O, R, {"model": _MODEL_NAME}, {"val_dice": _float(0.0, 1.0)}),
+    # without tensors, EVALUATE names a model the site received in a MODEL message
+    MessageType.EVALUATE: _Schema(O, O, O, {"model": _MODEL_NAME}),
+    MessageType.RESULT: _Schema(
+        O, R, F, {"case_dice": _scores(_float(0.0, 1.0))}, {"model": _MODEL_NAME, "metrics": _METRICS}
+    ),
     MessageType.HEARTBEAT: _Schema(O, O, F, {}, {"seq": _int()}),
     MessageType.ERROR: _Schema(O, O, F, _ERROR_BODY, rule=_no_internal_detail),
-    MessageType.DONE: _Schema(O, O, O, {}, {"rounds": _int(), "best_round": _int(), "best_dice": _float(0.0, 1.0)}),
+    MessageType.DONE: _Schema(O, O, F, {}, {"rounds": _int(), "best_round": _int(), "best_dice": _float(0.0, 1.0)}),
     MessageType.CHUNK: _Schema(
         F, F, F, {"id": _uuid_hex, "index": _int(), "count": _int(1), "total_bytes": _int(1)}, rule=_chunk_rule
     ),
