@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedseg.errors import FedsegError
 from fedseg.federation.rounds import EvaluationCompleted, RoundCompleted
-from fedseg.training.checkpoint import read_json, write_json
+from fedseg.training.checkpoint import commit_file, read_json, write_json
 
 RUN_FORMAT = 1
 STATE = "state.json"
@@ -50,7 +50,7 @@ class ResumePoint:
 def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".partial")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    commit_file(tmp, path)
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,29 @@ def _atomic(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def commit_file(tmp: Path, path: Path) -> None:
+    """Make ``tmp`` durable, then put it in place of ``path`` (and make the rename durable).
+
+    The rename alone survives ``kill -9``; the fsyncs make a commit survive a
+    power loss too, so a state file never names a round whose weights were lost.
+    """
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     """Write a flat tensor dict as safetensors, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     tmp = _atomic(path)
     save_file(tensors, str(tmp))
-    tmp.replace(path)
+    commit_file(tmp, path)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +94,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic(path)
     tmp.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
-    tmp.replace(path)
+    commit_file(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
