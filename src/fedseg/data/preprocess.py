@@ -165,7 +165,8 @@ def _case_meta(case: CaseFiles, image: Volume, config: PrepareConfig) -> dict:
         "case": case.case_id,
         "config": asdict(config),
         "sources": {
-            role: {"path": str(path), "sha256": file_fingerprint(path)}
+            # absolute: evaluation reads the original label from here, from any working directory
+            role: {"path": str(Path(path).resolve()), "sha256": file_fingerprint(path)}
             for role, path in sources.items()
             if path is not None
         },
@@ -188,7 +189,14 @@ def _cached(meta_path: Path, case: CaseFiles, config: PrepareConfig) -> bool:
     sources = {"image": case.image, "label": case.label}
     expected = {role: file_fingerprint(p) for role, p in sources.items() if p is not None}
     recorded = {role: entry.get("sha256") for role, entry in meta.get("sources", {}).items()}
-    return meta.get("config") == asdict(config) and recorded == expected and meta.get("format") == PREPARED_FORMAT
+    paths = {role: entry.get("path") for role, entry in meta.get("sources", {}).items()}
+    where = {role: str(Path(p).resolve()) for role, p in sources.items() if p is not None}
+    return (
+        meta.get("config") == asdict(config)
+        and recorded == expected
+        and paths == where
+        and meta.get("format") == PREPARED_FORMAT
+    )
 
 
 def prepare_case(case: CaseFiles, dst: Path, config: PrepareConfig) -> tuple[PreparedCase, bool]:
@@ -228,10 +236,14 @@ def _claim_destination(src: Path, dst: Path, config: PrepareConfig) -> None:
                 f"{dst}: already holds {recorded.get('source')} prepared with {recorded.get('config')}; "
                 "choose another destination"
             )
-    elif dst.exists() and any(dst.iterdir()):
+        return  # already ours: rewriting it would race with concurrent readers
+    if dst.exists() and any(dst.iterdir()):
         raise DataError(f"{dst}: exists and is not a fedseg prepared folder; choose an empty or new folder")
     dst.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"format": PREPARED_FORMAT, "source": str(src.resolve()), "config": asdict(config)}, indent=1))
+    record = {"format": PREPARED_FORMAT, "source": str(src.resolve()), "config": asdict(config)}
+    tmp = manifest.with_name(manifest.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(manifest)
 
 
 def _carry_splits(src: Path, dst: Path) -> None:
