@@ -46,3 +46,19 @@ def test_bad_federation_settings_are_named(tmp_path, text, message):
     with pytest.raises(FedsegError) as info:
         load_study_config(write(tmp_path, f"[federation]\n{text}\n"))
     assert message in str(info.value)
+
+
+def test_a_study_config_written_as_toml_reads_back_identical(tmp_path):
+    from fedseg.data.preprocess import PrepareConfig
+    from fedseg.federation.study import StudyConfig
+    from fedseg.training.config import TrainConfig
+
+    study = StudyConfig(
+        FederationConfig(rounds=7, min_sites=2, server_optimizer="fedadam", server_optimizer_options={"eta": 0.05}, evaluate=False),
+        TrainConfig(network="unet", epochs=3, patch_size=(32, 32, 16), learning_rate=4e-3, threads=1),
+        PrepareConfig(spacing_mm=3.0),
+    )
+    assert load_study_config(write(tmp_path, study.to_toml())) == study
+    default = load_study_config(write(tmp_path, StudyConfig().to_toml()))
+    assert default.train.to_dict() == StudyConfig().train.to_dict()  # the default patch is written out explicitly
+    assert (default.federation, default.prepare) == (StudyConfig().federation, StudyConfig().prepare)

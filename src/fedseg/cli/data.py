@@ -14,11 +14,13 @@ from fedseg.data.check import CheckReport, check_site
 from fedseg.data.layout import discover_site
 from fedseg.data.preprocess import PrepareConfig, prepare_site
 from fedseg.data.splits import SPLITS_FILE, ensure_splits
+from fedseg.data.synth import DEFAULT_EXTERNAL
+from fedseg.data.synth import DEFAULT_SITES as SYNTH_SITES
 from fedseg.errors import DataError
 
 app = typer.Typer(help="Check, import, prepare, split and synthesise a site's data.", no_args_is_help=True)
 
-DEFAULT_SITES = "nci,suny,ucla"
+DEFAULT_SITES = ",".join(SYNTH_SITES)
 
 
 def _range(values: list[float], fmt: str = "{:.3g}") -> str:
@@ -123,7 +125,7 @@ def split(
 def synth(
     out: Path = typer.Argument(..., help="Folder to write one site folder per institution into."),
     sites: str = typer.Option(DEFAULT_SITES, help="Comma-separated site profiles."),
-    external: str = typer.Option("prostatex", help="External test set profile, or 'none'."),
+    external: str = typer.Option(DEFAULT_EXTERNAL, help="External test set profile, or 'none'."),
     cases: int = typer.Option(100, min=1, help="Cases per site."),
     external_cases: int | None = typer.Option(None, min=1, help="Cases in the external set (default: --cases)."),
     seed: int = typer.Option(0, help="Root seed; the same seed gives identical files."),

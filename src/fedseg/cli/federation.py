@@ -244,6 +244,7 @@ def federate(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     cache: Path = typer.Option(Path.home() / ".cache" / "fedseg", help="Folder for preprocessed copies of the sites."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch in each process."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: finished folds are kept, an interrupted one resumes after its last completed round."),
 ) -> None:
     """Local mode: the server and one client per site as processes on 127.0.0.1 with real mutual TLS."""
     from rich.table import Table
@@ -268,7 +269,7 @@ def federate(
     else:
         folds = [fold or 0]
     results = run_local(
-        site_dirs, out, study, folds=folds, rounds=rounds, config_file=config, cache=cache, threads=threads,
+        site_dirs, out, study, folds=folds, rounds=rounds, config_file=config, cache=cache, threads=threads, resume=resume,
         on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
     )
     summary = Table("fold", "rounds", "best round", "best aggregated val Dice", "minutes", title=f"federated → {out / 'model'}")

@@ -28,6 +28,8 @@ from fedseg.errors import DataError
 
 GENERATOR_VERSION = "2"
 SITE_JSON = "site.json"
+DEFAULT_SITES = ("nci", "suny", "ucla")  # the paper's three institutions
+DEFAULT_EXTERNAL = "prostatex"  # its external test set
 
 
 def case_rng(seed: int, site: str, index: int) -> np.random.Generator:
@@ -207,4 +209,4 @@ def synthesize_study(
     return written
 
 
-__all__ = ["synthesize_site", "synthesize_study", "render_case", "case_rng", "acquisition_for"]
+__all__ = ["DEFAULT_EXTERNAL", "DEFAULT_SITES", "synthesize_site", "synthesize_study", "render_case", "case_rng", "acquisition_for"]

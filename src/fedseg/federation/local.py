@@ -19,6 +19,7 @@ server process and one client process per site, each a separate
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import torch
 from safetensors.numpy import load_file
 
 from fedseg.errors import FedsegError
-from fedseg.federation.provision import provision_study, validate_site_names
+from fedseg.federation.provision import load_kit, provision_study, validate_site_names
 from fedseg.federation.rundir import RunDir
 from fedseg.federation.study import StudyConfig
 from fedseg.training.checkpoint import save_weights, write_json
@@ -164,9 +165,12 @@ def run_fold(
     threads: int | None,
     on_exit: Callable[[str, int], None] | None = None,
 ) -> FoldRun:
-    """Run one fold's study: server + one client per site as processes; raises if any fails."""
+    """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails."""
     start = time.perf_counter()
     kits, run_dir = out / "kits", out / f"fold{fold}"
+    resuming = (run_dir / "run.json").is_file()
+    if run_dir.exists() and not resuming:
+        shutil.rmtree(run_dir)  # created by a run killed before its first write: nothing to keep
     logs, audit = out / "logs" / f"fold{fold}", out / "audit" / f"fold{fold}"
     port = free_port()
     common: list[str | Path] = ["--fold", str(fold)]
@@ -174,7 +178,8 @@ def run_fold(
         common += ["--config", config_file]
     if threads is not None:
         common += ["--threads", str(threads)]
-    server_args: list[str | Path] = ["server", "--kit", kits / "server", "--out", run_dir, "--host", "127.0.0.1", "--port", str(port), *common]
+    where = ["--resume", run_dir] if resuming else ["--out", run_dir]
+    server_args: list[str | Path] = ["server", "--kit", kits / "server", *where, "--host", "127.0.0.1", "--port", str(port), *common]
     if rounds is not None:
         server_args += ["--rounds", str(rounds)]
     processes = _Processes()
@@ -235,8 +240,13 @@ def run_local(
     cache: Path,
     threads: int | None = None,
     on_exit: Callable[[str, int], None] | None = None,
+    resume: bool = False,
 ) -> list[FoldRun]:
     """Provision throw-away kits, run each fold's study in turn, write ``out/model``.
+
+    With ``resume``, an earlier run in ``out`` continues: its kits are reused,
+    finished folds are kept, an interrupted fold's server resumes after its
+    last completed round (the clients start their local state afresh).
 
     Raises:
         FedsegError: clashing or invalid site names, ``out`` not empty, a
@@ -245,13 +255,31 @@ def run_local(
     site_dirs = [Path(d) for d in site_dirs]
     names = site_names(site_dirs)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if resume and (out / "kits").is_dir():
+        _check_kits(out / "kits", names)
+    elif out.exists() and any(out.iterdir()):
         raise FedsegError(f"{out}: not empty; choose a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    provision_study("localhost", names, out / "kits", study="local", port=free_port())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        provision_study("localhost", names, out / "kits", study="local", port=free_port())
     results = []
     for fold in folds:
-        run = run_fold(site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads, on_exit=on_exit)
+        finished = RunDir(out / f"fold{fold}")
+        if resume and (finished.root / "run.json").is_file() and finished.finished:
+            state = finished.state()
+            run = FoldRun(fold, finished.root, int(state["completed_rounds"]), int(state["best_round"]), float(state["best_dice"]), 0.0)
+        else:
+            run = run_fold(site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads, on_exit=on_exit)
         write_fl_model(out / "model", study, site_dirs, names, run)
         results.append(run)
     return results
+
+
+def _check_kits(kits: Path, names: Sequence[str]) -> None:
+    """Kits of an earlier local run may be reused only for the same sites."""
+    try:
+        allowed = sorted(load_kit(kits / "server").allowed_sites)
+    except FedsegError as exc:
+        raise FedsegError(f"{kits}: cannot reuse the kits of the earlier run ({exc})") from exc
+    if allowed != sorted(names):
+        raise FedsegError(f"{kits}: made for sites {allowed}, not {sorted(names)}; choose a new --out folder")

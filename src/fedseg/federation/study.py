@@ -25,6 +25,7 @@ would take ``[federation]`` for markup.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -127,10 +128,42 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
+    def to_toml(self) -> str:
+        """This configuration as a study TOML file (unset options left out, so defaults apply)."""
+        train = self.train.to_dict()
+        augment = train.pop("augment")
+        tables = [
+            ("federation", self.federation.to_dict()),
+            ("train", train),
+            ("train.augment", augment),
+            ("prepare", asdict(self.prepare)),
+        ]
+        return "\n".join(f"[{name}]\n" + _toml_lines(values) for name, values in tables)
+
     def site_settings(self, fold: int) -> dict[str, Any]:
         """What every site must share with the server (sent in WELCOME; threads are each machine's own)."""
         train = {key: value for key, value in self.train.to_dict().items() if key != "threads"}
         return {"fold": fold, "fedprox_mu": self.federation.fedprox_mu, "train": train, "prepare": asdict(self.prepare)}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FedsegError(f"{value!r} cannot be written to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + " }"
+    raise FedsegError(f"cannot write {value!r} to TOML")
+
+
+def _toml_lines(values: dict[str, Any]) -> str:
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None)
 
 
 def settings_differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
