@@ -191,3 +191,19 @@ def test_predict_command_writes_masks_on_the_input_grid(trained, site, tmp_path,
         assert np.allclose(mask.affine, source.affine, atol=1e-5)
         assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(source.affine) != ("R", "A", "S")
         assert mask.get_data_dtype() == np.uint8
+
+
+def test_largest_component_keeps_the_gland_and_drops_scattered_false_positives():
+    from fedseg.inference import largest_component
+
+    mask = np.zeros((20, 20, 10), bool)
+    mask[5:12, 5:12, 3:7] = True  # the gland
+    mask[15:17, 15:17, 0:2] = True  # a false positive elsewhere
+    mask[0, 0, 9] = True
+    kept = largest_component(mask)
+    assert kept.sum() == 7 * 7 * 4 and kept[5:12, 5:12, 3:7].all()
+    # diagonal neighbours belong to the same component (26-connectivity)
+    diagonal = np.zeros((4, 4, 4), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = diagonal[3, 3, 3] = True
+    assert largest_component(diagonal).sum() == 2
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()

@@ -5,7 +5,11 @@ input is preprocessed exactly as in training (``model.json`` says how), the
 foreground probability is computed by sliding window on the prepared grid,
 mapped back onto the input's ORIGINAL grid by linear interpolation and
 thresholded at 0.5 there, so the mask lies over the input image in any
-viewer (3D Slicer, ITK-SNAP).
+viewer (3D Slicer, ITK-SNAP). Models that say so in ``model.json``
+(``inference.keep_largest_component``, every model trained since fedseg
+0.1's study step) then keep only the largest connected component: the gland
+is one organ, and scattered false positives far from it are the typical
+failure on scans from another site.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 from torch import nn
 
 from fedseg.data.preprocess import PrepareConfig, preprocess_case, resample_to_grid
@@ -33,6 +38,16 @@ def sliding_window_logits(
     return sliding_window_inference(image, patch, sw_batch_size, model, overlap=overlap, mode="gaussian")
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (the mask itself when empty)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 @dataclass
 class Ensemble:
     """Fold models of one model directory and how to apply them."""
@@ -43,6 +58,7 @@ class Ensemble:
     sw_batch_size: int
     sw_overlap: float
     record: dict[str, Any]
+    keep_largest_component: bool = False
 
     @classmethod
     def load(cls, model_dir: Path, folds: list[int] | None = None) -> Ensemble:
@@ -76,6 +92,7 @@ class Ensemble:
             int(inference["sw_batch_size"]),
             float(inference["sw_overlap"]),
             record,
+            bool(inference.get("keep_largest_component", False)),
         )
 
     @torch.no_grad()
@@ -92,7 +109,8 @@ class Ensemble:
         """Mask (uint8) on the original grid for an already prepared image."""
         probability = self.probability(image.array)
         on_original = resample_to_grid(probability, image.affine, original_affine, original_shape, order=1)
-        return (on_original > 0.5).astype(np.uint8)
+        mask = on_original > 0.5
+        return (largest_component(mask) if self.keep_largest_component else mask).astype(np.uint8)
 
     def predict(self, image: Volume) -> Volume:
         """Mask on the original grid of a raw (unprepared) image."""

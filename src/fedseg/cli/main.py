@@ -11,6 +11,7 @@ from fedseg import __version__
 from fedseg.cli import data as data_commands
 from fedseg.cli import federation as federation_commands
 from fedseg.cli import models as model_commands
+from fedseg.cli import study as study_commands
 from fedseg.cli.console import err_console
 from fedseg.errors import FedsegError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(data_commands.app, name="data")
 for command in (
+    study_commands.study,
     model_commands.train,
     model_commands.predict,
     model_commands.evaluate,

@@ -68,8 +68,11 @@ class SiteOutputs:
         """Per-case Dice of ``weights`` on this site's held-out test cases, on their original grids."""
         model = build_model(self.train.network)
         model.load_state_dict({key: torch.from_numpy(np.array(array, copy=True)) for key, array in weights.items()})
+        record = self._record("final")
+        inference = record["inference"]
         ensemble = Ensemble(
-            [model.eval()], self.prepare, self.train.patch, self.train.sw_batch_size, self.train.sw_overlap, {}
+            [model.eval()], self.prepare, self.train.patch, self.train.sw_batch_size, self.train.sw_overlap, record,
+            inference["keep_largest_component"],
         )
         scores = evaluate_site(ensemble, self.site, "test")
         write_json(

@@ -195,7 +195,12 @@ def model_record(config: TrainConfig, prepare: PrepareConfig, trained_on: list[d
         "in_channels": 1,
         "out_channels": 2,
         "preprocessing": asdict(prepare),
-        "inference": {"patch_size": list(config.patch), "sw_batch_size": config.sw_batch_size, "sw_overlap": config.sw_overlap},
+        "inference": {
+            "patch_size": list(config.patch),
+            "sw_batch_size": config.sw_batch_size,
+            "sw_overlap": config.sw_overlap,
+            "keep_largest_component": True,
+        },
         "ensemble": "mean of the fold models' softmax probabilities, threshold 0.5",
         "train_config": config.to_dict(),
         "trained_on": trained_on,

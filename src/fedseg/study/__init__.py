@@ -1,0 +1,1 @@
+"""``fedseg study``: profiles, resumable steps, report."""

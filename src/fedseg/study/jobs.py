@@ -1,0 +1,80 @@
+"""Work units of a study that run in worker processes: train one fold, evaluate one model.
+
+Each job takes and returns plain JSON-shaped dicts (worker processes are
+started with ``spawn``; nothing but these dicts crosses the process
+boundary), prepares nothing new (the sites are already in the cache) and
+writes only inside its own fold folder — the parent process owns every
+``model.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedseg.data.preprocess import PrepareConfig
+from fedseg.training.config import TrainConfig
+from fedseg.training.data import PreparedSite, SiteData, resolve_site
+from fedseg.training.fit import TrainingSet, fold_training_set, train_fold
+
+__all__ = ["evaluate_job", "pooled_training_set", "train_job"]
+
+
+def pooled_training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, int]) -> TrainingSet:
+    """Fold ``fold`` of every site put together: the centralised model's data."""
+    parts = [fold_training_set(site, SiteData(site, patch), fold) for site in sites]
+    return TrainingSet(
+        "+".join(part.name for part in parts),
+        [case for part in parts for case in part.train],
+        [case for part in parts for case in part.val],
+        "+".join(part.fingerprint for part in parts),
+        [source for part in parts for source in part.sources],
+    )
+
+
+def _sites(spec: dict[str, Any]) -> tuple[list[PreparedSite], PrepareConfig]:
+    prepare = PrepareConfig(**spec["prepare"])
+    return [resolve_site(Path(d), prepare, Path(spec["cache"])) for d in spec["sites"]], prepare
+
+
+def train_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume, or find finished) fold ``spec["fold"]`` of ``spec["model_dir"]``.
+
+    ``spec``: model_dir, fold, sites (one site folder, or several to pool),
+    cache, train (TrainConfig dict), prepare (PrepareConfig dict).
+    Returns the FoldOutcome as a dict plus the job's ``model`` name.
+    """
+    config = TrainConfig.from_dict(spec["train"])
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    sites, _ = _sites(spec)
+    fold = int(spec["fold"])
+    if len(sites) == 1:
+        training = fold_training_set(sites[0], SiteData(sites[0], config.patch), fold)
+    else:
+        training = pooled_training_set(sites, fold, config.patch)
+    outcome = train_fold(training, Path(spec["model_dir"]) / f"fold{fold}", config, fold=fold)
+    return {"model": spec["model"], **asdict(outcome)}
+
+
+def evaluate_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-case Dice of model ``spec["model_dir"]`` on each test set of ``spec["test_sets"]``.
+
+    ``test_sets`` maps a test-set name to (site folder, split) with split
+    ``"test"`` (a site's held-out cases) or ``"all"`` (an external set).
+    """
+    from fedseg.evaluation.evaluate import evaluate_site
+    from fedseg.inference import Ensemble
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    prepare = PrepareConfig(**spec["prepare"])
+    ensemble = Ensemble.load(Path(spec["model_dir"]))
+    dice = {}
+    for name, (site_dir, split) in spec["test_sets"].items():
+        site = resolve_site(Path(site_dir), prepare, Path(spec["cache"]))
+        dice[name] = evaluate_site(ensemble, site, split)
+    return {"model": spec["model"], "dice": dice}

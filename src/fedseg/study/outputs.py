@@ -1,0 +1,145 @@
+"""Gather a finished study's numbers and pictures and write its report.
+
+Reads what the earlier steps left in ``OUT`` (fold metrics, federated rounds,
+per-case Dice), builds the validation curves and one example slice per site,
+writes ``results.json`` and hands everything to :func:`fedseg.study.report.write_report`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedseg.data.layout import gland_mask
+from fedseg.data.volume import load_volume
+from fedseg.evaluation.dice import dice_coefficient
+from fedseg.federation.rundir import RunDir
+from fedseg.inference import Ensemble
+from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
+
+if TYPE_CHECKING:
+    from fedseg.study.pipeline import StudyRun
+
+__all__ = ["example_slices", "validation_curves", "write_study_report"]
+
+
+def _mean_curve(label: str, series: list[dict[int, float]]) -> Curve | None:
+    """Mean over folds at every epoch/round that every fold has."""
+    if not series:
+        return None
+    common = sorted(set.intersection(*(set(s) for s in series)))
+    return Curve(label, common, [float(np.mean([s[x] for s in series])) for x in common]) if common else None
+
+
+def _metrics(fold_dir: Path) -> dict[int, float]:
+    path = fold_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(r["epoch"]): float(r["val_dice"]) for r in rows if r.get("val_dice") is not None}
+
+
+def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
+    """Per site: its private model's validation Dice by epoch, and its local validation Dice in the FL rounds."""
+    folds = range(run.n_folds)
+    fl_by_site: dict[str, list[dict[int, float]]] = defaultdict(list)
+    for fold in folds:
+        rundir = RunDir(run.out / "fl" / f"fold{fold}")
+        if not (rundir.root / "run.json").is_file():
+            continue
+        series: dict[str, dict[int, float]] = defaultdict(dict)
+        for entry in rundir.rounds():
+            for site, values in entry["sites"].items():
+                series[site][int(entry["round"]) + 1] = float(values["val_dice"])
+        for site, points in series.items():
+            fl_by_site[site].append(points)
+    curves: dict[str, list[Curve]] = {}
+    for site in run.sites:
+        private = [_metrics(run.model_dir(f"private:{site.name}") / f"fold{k}") for k in folds]
+        candidates = [
+            _mean_curve(f"private:{site.name}", [p for p in private if p]),
+            _mean_curve("fl (site's local validation)", fl_by_site.get(site.name, [])),
+        ]
+        curves[site.name] = [c for c in candidates if c is not None]
+    return curves
+
+
+def _example(ensemble: Ensemble, site_name: str, prepared: Path, case: str) -> ExampleSlice:
+    meta = json.loads((prepared / "meta" / f"{case}.json").read_text())
+    image = load_volume(meta["sources"]["image"]["path"])
+    truth = gland_mask(load_volume(meta["sources"]["label"]["path"]).array) > 0
+    if image.array.ndim == 4:  # Decathlon multi-channel: the prepared channel's index is recorded
+        image = load_volume(prepared / "images" / f"{case}.nii.gz")
+        return _example_on_prepared(ensemble, site_name, prepared, case)
+    prediction = ensemble.predict(image).array > 0
+    z = int(np.argmax(truth.sum(axis=(0, 1))))  # the slice with the most gland
+    return ExampleSlice(
+        site_name, case, image.array[:, :, z].astype(np.float32), truth[:, :, z], prediction[:, :, z],
+        float(dice_coefficient(prediction, truth)),
+    )
+
+
+def _example_on_prepared(ensemble: Ensemble, site_name: str, prepared: Path, case: str) -> ExampleSlice:
+    image = load_volume(prepared / "images" / f"{case}.nii.gz")
+    truth = load_volume(prepared / "labels" / f"{case}.nii.gz").array > 0
+    prediction = ensemble.probability(image.array) > 0.5
+    z = int(np.argmax(truth.sum(axis=(0, 1))))
+    return ExampleSlice(
+        site_name, case, image.array[:, :, z].astype(np.float32), truth[:, :, z], prediction[:, :, z],
+        float(dice_coefficient(prediction, truth)),
+    )
+
+
+def example_slices(run: StudyRun, dice: dict[str, dict[str, dict[str, float]]]) -> list[ExampleSlice]:
+    """For each site, the FL model on its test case of median FL Dice (a typical case, not the best)."""
+    ensemble = Ensemble.load(run.model_dir("fl"))
+    examples = []
+    for site in run.sites:
+        scores = dice["fl"].get(site.name, {})
+        if not scores:
+            continue
+        ordered = sorted(scores, key=lambda case: scores[case])
+        examples.append(_example(ensemble, site.name, site.prepared, ordered[len(ordered) // 2]))
+    return examples
+
+
+def write_study_report(run: StudyRun) -> None:
+    """results.json, the report and its figures; prints the two tables."""
+    from fedseg.study.pipeline import write_results
+
+    results = write_results(run)
+    record = json.loads(results.read_text())
+    dice = record["dice"]
+    private, external = record["test_sets"]["private"], record["test_sets"]["external"]
+    notes = [
+        "Every per-case Dice is in results.json; the models are in models/ (usable by fedseg predict and "
+        "fedseg evaluate); the federated runs, with every round, their logs and each site's audit log, are in fl/.",
+        "Step times (s): " + ", ".join(f"{step} {seconds:.0f}" for step, seconds in record["timings_s"].items()),
+    ]
+    paths = write_report(
+        run.out,
+        title="fedseg study: federated vs private vs pooled prostate segmentation",
+        settings=[*run.settings.describe(), f"{record['folds']} folds per ensemble", *_sources(run)],
+        dice=dice,
+        private_sets=private,
+        external_sets=external,
+        reference="fl",
+        curves=validation_curves(run),
+        examples=example_slices(run, dice),
+        notes=notes,
+    )
+    run.say(tables_text(dice, private, external, reference="fl"))
+    run.say(f"report: {paths['markdown']} and {paths['html']}; every number in {results}")
+
+
+def _sources(run: StudyRun) -> list[str]:
+    if run.sources.synthetic:
+        return ["data: synthetic institutions NCI, SUNY, UCLA and external PROSTATEx-like set (docs/sites.md)"]
+    lines = ["sites: " + ", ".join(str(p) for p in run.sources.sites)]
+    if run.sources.external is not None:
+        lines.append(f"external: {run.sources.external}")
+    return lines

@@ -1,0 +1,179 @@
+"""The study's settings: a named profile, overridden key by key from ``study.toml``.
+
+``study.toml`` has the tables of a federated study (``[federation]``,
+``[train]``, ``[prepare]``; see :mod:`fedseg.federation.study`) plus
+``[study]`` (:class:`StudyPlan`). A profile supplies a value for every key;
+the file only changes the keys it names::
+
+    [study]
+    cases = 30            # synthetic cases per site (ignored with --sites)
+    workers = 2           # training processes at once
+
+    [train]
+    epochs = 40
+
+Profiles:
+
+* ``demo`` — sized to finish the whole study (synthesis, 3 private + FL +
+  pooled five-fold ensembles, evaluation, report) in about 10 minutes on 2
+  CPU cores: 16 small synthetic cases per site at 3 mm, ``unet-small``,
+  25 epochs/rounds.
+* ``paper`` — Sarma et al.'s protocol: 100 cases per site, 1 mm, AH-Net,
+  300 epochs and rounds; meant for a GPU machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.data.preprocess import PrepareConfig
+from fedseg.errors import FedsegError
+from fedseg.federation.study import FederationConfig, StudyConfig, read_toml
+from fedseg.training.config import TrainConfig
+
+__all__ = ["PROFILES", "Settings", "StudyPlan", "load_settings"]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The ``[study]`` table: data to synthesise and how to run the steps.
+
+    Attributes:
+        cases: synthetic cases per institution (without ``--sites``).
+        external_cases: cases of the synthetic external test set.
+        resolution_scale: coarsening of the synthetic scans' voxels (>= 1; faster).
+        seed: synthesis seed (the same seed gives identical scans).
+        workers: training/evaluation processes run at once (each with
+            ``train.threads`` torch threads).
+    """
+
+    cases: int = 100
+    external_cases: int = 40
+    resolution_scale: float = 1.0
+    seed: int = 0
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("cases", "external_cases", "workers"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise FedsegError(f"study.{name} must be an integer >= 1, got {value!r}")
+        if self.cases < 3:
+            raise FedsegError(f"study.cases must be >= 3 (a site needs a test case and two folds), got {self.cases}")
+        if not isinstance(self.resolution_scale, int | float) or not (
+            math.isfinite(self.resolution_scale) and self.resolution_scale >= 1
+        ):
+            raise FedsegError(f"study.resolution_scale must be a number >= 1, got {self.resolution_scale!r}")
+        if type(self.seed) is not int:
+            raise FedsegError(f"study.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a study run is configured by."""
+
+    profile: str
+    plan: StudyPlan
+    study: StudyConfig
+
+    def describe(self) -> list[str]:
+        """Lines for the top of the report and the console."""
+        train, prepare, federation = self.study.train, self.study.prepare, self.study.federation
+        return [
+            f"profile: {self.profile}",
+            f"synthetic data: {self.plan.cases} cases per site, {self.plan.external_cases} external cases, "
+            f"voxels coarsened x{self.plan.resolution_scale:g}, seed {self.plan.seed}",
+            f"preprocessing: {prepare.spacing_mm:g} mm isotropic, z-score",
+            f"network: {train.network}, patch {'x'.join(map(str, train.patch))}, batch {train.batch_size}, "
+            f"{train.samples_per_volume} crops per case per epoch, Adam lr {train.learning_rate:g}",
+            f"private and pooled models: {train.epochs} epochs per fold; FL: {federation.rounds} rounds of one "
+            f"local epoch, aggregator {federation.aggregator}",
+            f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each",
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "study": asdict(self.plan),
+            "federation": self.study.federation.to_dict(),
+            "train": self.study.train.to_dict(),
+            "prepare": asdict(self.study.prepare),
+        }
+
+
+_DEMO_EPOCHS = 25
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "demo": {
+        "study": {"cases": 16, "external_cases": 16, "resolution_scale": 2.0, "workers": 2},
+        "prepare": {"spacing_mm": 3.0},
+        "train": {
+            "network": "unet-small",
+            "epochs": _DEMO_EPOCHS,
+            "patch_size": [32, 32, 16],
+            "samples_per_volume": 6,
+            "learning_rate": 4e-3,
+            "threads": 1,
+        },
+        "federation": {"rounds": _DEMO_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
+    },
+    "paper": {
+        "study": {"cases": 100, "external_cases": 40, "resolution_scale": 1.0, "workers": 1},
+        "prepare": {"spacing_mm": 1.0},
+        "train": {"network": "ahnet", "epochs": 300},
+        "federation": {"rounds": 300},
+    },
+}
+_TABLES = ("study", "federation", "train", "prepare")
+
+
+def _merged(profile: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    merged = {table: dict(PROFILES[profile].get(table, {})) for table in _TABLES}
+    for table in _TABLES:
+        value = overrides.get(table, {})
+        if not isinstance(value, dict):
+            raise FedsegError(f"{table} must be a TOML table")
+        if table == "train" and isinstance(value.get("augment"), dict):
+            merged[table]["augment"] = {**merged[table].get("augment", {}), **value["augment"]}
+            value = {k: v for k, v in value.items() if k != "augment"}
+        merged[table].update(value)
+    return merged
+
+
+def load_settings(profile: str = "demo", config: Path | None = None) -> Settings:
+    """The profile's settings, with ``config``'s keys replacing the profile's.
+
+    Raises:
+        FedsegError: unknown profile, table or key; a value out of range.
+    """
+    if profile not in PROFILES:
+        raise FedsegError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    overrides = read_toml(config) if config is not None else {}
+    unknown = sorted(set(overrides) - set(_TABLES))
+    if unknown:
+        raise FedsegError(f"{config}: unknown table(s) {unknown}; a study config has the tables {', '.join(_TABLES)}")
+    merged = _merged(profile, overrides)
+    source = str(config) if config is not None else f"profile {profile}"
+    known = {f.name for f in dataclasses.fields(StudyPlan)}
+    extra = sorted(set(merged["study"]) - known)
+    if extra:
+        raise FedsegError(f"{source}: unknown option(s) in the study table {extra}; known: {sorted(known)}")
+    try:
+        prepare = PrepareConfig(**merged["prepare"])
+    except TypeError as exc:
+        raise FedsegError(f"{source}: prepare table: {exc}") from exc
+    train = merged["train"]
+    if "patch_size" in train and train["patch_size"] is not None:
+        train = {**train, "patch_size": tuple(train["patch_size"])}
+    return Settings(
+        profile,
+        StudyPlan(**merged["study"]),
+        StudyConfig(
+            FederationConfig.from_dict(merged["federation"], source),
+            TrainConfig.from_dict(train, source),
+            prepare,
+        ),
+    )
