@@ -185,7 +185,7 @@ def run_fold(
     processes = _Processes()
     try:
         server = processes.start("server", fedseg_command(*server_args), logs / "server.log")
-        _wait_listening(port, server, logs / "server.log", SERVER_START_TIMEOUT_S)
+        # the clients start alongside the server (their start-up overlaps its own; they retry until it listens)
         for name, site_dir in zip(names, site_dirs, strict=True):
             client_args = [
                 "client", "--kit", kits / name, "--data", site_dir, "--cache", cache,
@@ -193,6 +193,7 @@ def run_fold(
                 "--models", out / "sites" / name, "--share-case-names", *common,  # all on this machine
             ]
             processes.start(f"client {name}", fedseg_command(*client_args), logs / f"{name}.log")
+        _wait_listening(port, server, logs / "server.log", SERVER_START_TIMEOUT_S)
         codes = processes.wait_all(on_exit)
     finally:
         processes.stop()

@@ -380,7 +380,9 @@ class _Study:
 
 def _log_tls_refusal(error: ssl.SSLError) -> None:
     reason = getattr(error, "verify_message", None) or error.reason or str(error)
-    log.warning("refused a TLS connection: %s (%s)", reason, error.__class__.__name__)
+    # a peer closing mid-handshake (port probes, health checks) is not a refusal worth a warning
+    level = logging.DEBUG if isinstance(error, ssl.SSLEOFError) else logging.WARNING
+    log.log(level, "refused a TLS connection: %s (%s)", reason, error.__class__.__name__)
 
 
 def _as_bytes(frame: str | bytes) -> bytes:
