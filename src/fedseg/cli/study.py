@@ -34,7 +34,7 @@ def study(
     if external is not None and not site_dirs:
         raise FedsegError("--external goes with --sites (the synthetic study makes its own external set)")
     settings = load_settings(profile, config)
-    for line in settings.describe():
+    for line in settings.describe(synthetic=not site_dirs):
         console.print(f"[dim]{escape(line)}[/]")
     run = StudyRun(out, settings, StudySources(tuple(site_dirs or ()), external), say=lambda text: console.print(escape(text)))
     run.run(chosen)

@@ -123,7 +123,7 @@ def write_study_report(run: StudyRun) -> None:
     paths = write_report(
         run.out,
         title="fedseg study: federated vs private vs pooled prostate segmentation",
-        settings=[*run.settings.describe(), f"{record['folds']} folds per ensemble", *_sources(run)],
+        settings=[*run.settings.describe(run.sources.synthetic), f"{record['folds']} folds per ensemble", *_sources(run)],
         dice=dice,
         private_sets=private,
         external_sets=external,

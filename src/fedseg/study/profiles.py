@@ -80,13 +80,16 @@ class Settings:
     plan: StudyPlan
     study: StudyConfig
 
-    def describe(self) -> list[str]:
-        """Lines for the top of the report and the console."""
+    def describe(self, synthetic: bool = True) -> list[str]:
+        """Lines for the top of the report and the console (``synthetic``: the study makes its own sites)."""
         train, prepare, federation = self.study.train, self.study.prepare, self.study.federation
+        data = [
+            f"synthetic data: {self.plan.cases} cases per site, {self.plan.external_cases} external cases, "
+            f"voxels coarsened x{self.plan.resolution_scale:g}, seed {self.plan.seed}"
+        ]
         return [
             f"profile: {self.profile}",
-            f"synthetic data: {self.plan.cases} cases per site, {self.plan.external_cases} external cases, "
-            f"voxels coarsened x{self.plan.resolution_scale:g}, seed {self.plan.seed}",
+            *(data if synthetic else []),
             f"preprocessing: {prepare.spacing_mm:g} mm isotropic, z-score",
             f"network: {train.network}, patch {'x'.join(map(str, train.patch))}, batch {train.batch_size}, "
             f"{train.samples_per_volume} crops per case per epoch, Adam lr {train.learning_rate:g}",
