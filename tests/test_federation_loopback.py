@@ -121,7 +121,8 @@ def other_kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Kit]:
 
 
 def server_task(
-    kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, rounds: int = 2, min_sites: int = 2, settings=None
+    kits: dict[str, Kit], run_dir: Path, port: int, *, sites=SITES, rounds: int = 2, min_sites: int = 2, settings=None,
+    local_epochs: int = 1,
 ):
     config = RoundsConfig(sites=tuple(sites), rounds=rounds, min_sites=min_sites)
     run = RunDir.create(run_dir, {"sites": list(sites), "rounds": rounds, "aggregator": "dice-weighted"})
@@ -137,6 +138,7 @@ def server_task(
             round_timeout_s=30.0,
             grace_s=10.0,
             settings=settings,
+            local_epochs=local_epochs,
         )
     )
 
@@ -163,10 +165,13 @@ class SiteEnd:
         return dict(self.case_dice)
 
 
-async def run_study(kits, tmp_path: Path, trainers: dict[str, RecordingTrainer], rounds: int, ends: dict[str, SiteEnd] | None = None):
+async def run_study(
+    kits, tmp_path: Path, trainers: dict[str, RecordingTrainer], rounds: int, ends: dict[str, SiteEnd] | None = None,
+    local_epochs: int = 1,
+):
     """Server plus one client per site; returns (server weights, {site: client weights})."""
     port = free_port()
-    server = server_task(kits, tmp_path / "run", port, rounds=rounds)
+    server = server_task(kits, tmp_path / "run", port, rounds=rounds, local_epochs=local_epochs)
     audit = {site: tmp_path / f"{site}.audit.jsonl" for site in trainers}
     hooks = {site: {"on_model": end.on_model, "evaluate": end.evaluate} for site, end in (ends or {}).items()}
     clients = {site: client_task(kits[site], t, port, audit[site], **hooks.get(site, {})) for site, t in trainers.items()}
@@ -439,3 +444,12 @@ def test_site_with_other_settings_refuses_to_train_and_says_which(kits, tmp_path
     with caplog.at_level(logging.INFO, logger="fedseg.server"):
         asyncio.run(scenario())
     assert any("site nci left: site reported an error: this site's study settings differ" in r.getMessage() for r in caplog.records)
+
+
+def test_several_local_epochs_per_round_send_the_last_epochs_weights(kits, tmp_path):
+    """local_epochs = 2: each site trains two epochs per round and its update is the second epoch's model."""
+    trainers = {site: RecordingTrainer(i) for i, site in enumerate(SITES)}
+    asyncio.run(run_study(kits, tmp_path, trainers, rounds=2, local_epochs=2))
+    assert all(len(t.results) == 4 for t in trainers.values())
+    for number in range(2):
+        assert_round_matches(tmp_path / "run", number, {site: t.results[2 * number + 1] for site, t in trainers.items()})

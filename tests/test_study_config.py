@@ -62,3 +62,9 @@ def test_a_study_config_written_as_toml_reads_back_identical(tmp_path):
     default = load_study_config(write(tmp_path, StudyConfig().to_toml()))
     assert default.train.to_dict() == StudyConfig().train.to_dict()  # the default patch is written out explicitly
     assert (default.federation, default.prepare) == (StudyConfig().federation, StudyConfig().prepare)
+
+
+def test_local_epochs_per_round(tmp_path):
+    assert load_study_config(write(tmp_path, "[federation]\nlocal_epochs = 3\n")).federation.local_epochs == 3
+    with pytest.raises(FedsegError, match="local_epochs must be an integer >= 1"):
+        load_study_config(write(tmp_path, "[federation]\nlocal_epochs = 0\n"))

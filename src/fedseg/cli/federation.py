@@ -138,6 +138,7 @@ def server(
             host=host, port=port if port is not None else int(server_kit.study["port"]),
             round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
             settings=StudyConfig(federation, train, study.prepare).site_settings(fold),
+            local_epochs=federation.local_epochs,
         )
     )
     state = run.state()

@@ -174,11 +174,22 @@ async def _send(ws: ClientConnection, message: Message) -> int:
     return sum(len(frame) for frame in frames)
 
 
+def _local_epochs(trainer: LocalTrainer, weights: dict[str, torch.Tensor], epochs: int) -> EpochResult:
+    """``epochs`` epochs from the global ``weights``; the last epoch's result is the update."""
+    result = trainer.run_epoch(weights)
+    for _ in range(epochs - 1):
+        result = trainer.run_epoch()
+    return result
+
+
 async def _train_round(ws: ClientConnection, session: _Session, message: Message, server: str) -> None:
     """Answer one TRAIN: an epoch in a worker thread, then the UPDATE and its audit line."""
     round_number = message.round
-    log.info("round %s: training one epoch", round_number)
-    result = await asyncio.to_thread(session.trainer.run_epoch, _to_torch(dict(message.tensors)))
+    if "iterations" in message.body:
+        raise wire.BadMessage("this client trains whole local epochs per round, not iterations")
+    epochs = int(message.body.get("epochs", 1))
+    log.info("round %s: training %d local epoch(s)", round_number, epochs)
+    result = await asyncio.to_thread(_local_epochs, session.trainer, _to_torch(dict(message.tensors)), epochs)
     update = update_message(session.kit.name, round_number, result)
     sent = await _send(ws, update)
     if session.audit_log is not None:

@@ -119,9 +119,11 @@ class _Study:
         grace_s: float,
         on_event: EventHook | None,
         settings: dict[str, Any] | None = None,
+        local_epochs: int = 1,
     ) -> None:
         self.run_dir = run_dir
         self.settings = settings
+        self.local_epochs = local_epochs
         self.rounds = rounds
         self.allowed = frozenset(rounds.config.sites) & kit.allowed_sites
         self.round_timeout_s = round_timeout_s
@@ -272,7 +274,8 @@ class _Study:
         if ws is None:
             return
         if self._train_frames is None or self._train_frames[0] != action.round:
-            train = Message(MessageType.TRAIN, round=action.round, tensors=self.rounds.global_weights)
+            body = {"epochs": self.local_epochs}
+            train = Message(MessageType.TRAIN, round=action.round, body=body, tensors=self.rounds.global_weights)
             self._train_frames = (action.round, wire.to_frames(train))
         await _send(ws, self._train_frames[1])
 
@@ -405,6 +408,7 @@ async def run_server(
     first_round: int = 0,
     on_event: EventHook | None = None,
     settings: dict[str, Any] | None = None,
+    local_epochs: int = 1,
 ) -> dict[str, np.ndarray]:
     """Serve one federated study until its last round; returns the final global weights.
 
@@ -422,6 +426,7 @@ async def run_server(
         on_event: called with every action of the round machine (tests, progress display).
         settings: study settings every site must share (sent in WELCOME; a site
             whose own differ refuses to take part, saying which).
+        local_epochs: local epochs each site trains per round (sent in TRAIN).
 
     Raises:
         FedsegError: the study failed (quorum lost); the reason names the missing sites.
@@ -434,6 +439,7 @@ async def run_server(
         grace_s=grace_s,
         on_event=on_event,
         settings=settings,
+        local_epochs=local_epochs,
     )
     if study.rounds.phase is Phase.DONE:
         return dict(initial_weights)

@@ -3,6 +3,7 @@
 ```toml
 [federation]             # the server's side (FederationConfig)
 rounds = 40
+local_epochs = 1         # local epochs per round (the paper: 1)
 min_sites = 2            # default: every site
 aggregator = "dice-weighted"   # or sample-weighted, uniform
 server_optimizer = "fedadam"   # optional
@@ -45,7 +46,8 @@ class FederationConfig:
     """The server's settings of a study (the ``[federation]`` table).
 
     Attributes:
-        rounds: number of rounds (one local epoch per round).
+        rounds: number of rounds.
+        local_epochs: local epochs each site trains per round (the paper: 1).
         min_sites: quorum; None = every site of the study.
         aggregator: ``dice-weighted`` (the paper), ``sample-weighted`` or ``uniform``.
         server_optimizer: None, or ``fedadam``.
@@ -58,6 +60,7 @@ class FederationConfig:
     """
 
     rounds: int = 40
+    local_epochs: int = 1
     min_sites: int | None = None
     aggregator: str = "dice-weighted"
     server_optimizer: str | None = None
@@ -70,6 +73,8 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise FedsegError(f"federation.rounds must be an integer >= 1, got {self.rounds!r}")
+        if type(self.local_epochs) is not int or self.local_epochs < 1:
+            raise FedsegError(f"federation.local_epochs must be an integer >= 1, got {self.local_epochs!r}")
         if self.min_sites is not None and (not isinstance(self.min_sites, int) or self.min_sites < 1):
             raise FedsegError(f"federation.min_sites must be an integer >= 1, got {self.min_sites!r}")
         if self.aggregator not in AGGREGATORS:
