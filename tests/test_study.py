@@ -89,7 +89,7 @@ def test_results_json_reproduces_the_report_tables(study):
         assert sorted(dice[model]) == sorted([*SITES, "prostatex"])
         assert len(dice[model]["prostatex"]) == 3 and all(len(dice[model][s]) == 1 for s in SITES)
         assert all(0.0 <= d <= 1.0 for scores in dice[model].values() for d in scores.values())
-    report = (root / "out" / "report.md").read_text()
+    report = (root / "out" / "report.md").read_text(encoding="utf-8")
     columns, rows = table_rows(report, "private test sets")
     assert columns == ["nci (n=1)", "suny (n=1)", "ucla (n=1)", "Overall (n=3)"]
     for model in MODELS:

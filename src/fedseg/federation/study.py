@@ -171,13 +171,20 @@ def _toml_lines(values: dict[str, Any]) -> str:
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None)
 
 
-def settings_differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: mine vs theirs`` for every (dotted) key whose values differ."""
+def settings_differences(
+    mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "", *, common_only: bool = False
+) -> list[str]:
+    """``key: mine vs theirs`` for every (dotted) key whose values differ.
+
+    ``common_only`` ignores keys only one side has (e.g. an option added by a
+    newer fedseg, compared with a record written by an older one).
+    """
     differences = []
-    for key in sorted(mine.keys() | theirs.keys()):
+    keys = mine.keys() & theirs.keys() if common_only else mine.keys() | theirs.keys()
+    for key in sorted(keys):
         a, b = mine.get(key), theirs.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += settings_differences(a, b, f"{prefix}{key}.")
+            differences += settings_differences(a, b, f"{prefix}{key}.", common_only=common_only)
         elif a != b:
             differences.append(f"{prefix}{key}: {a!r} here vs {b!r} on the server")
     return differences
@@ -185,7 +192,7 @@ def settings_differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: s
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
 

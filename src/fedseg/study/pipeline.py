@@ -113,7 +113,7 @@ class StudyRun:
             earlier = read_json(path)
             earlier.pop("fedseg_version", None)
             now = {k: v for k, v in self.record.items() if k != "fedseg_version"}
-            differences = settings_differences(now, earlier)
+            differences = settings_differences(now, earlier, common_only=True)
             if differences:
                 shown = "; ".join(d.replace("on the server", "in the earlier run") for d in differences[:6])
                 raise FedsegError(
@@ -125,7 +125,7 @@ class StudyRun:
             raise FedsegError(f"{self.out}: not empty and not a fedseg study; choose a new --out folder")
         else:
             write_json(path, self.record)
-        (self.out / "study.toml").write_text(self.settings.study.to_toml())
+        (self.out / "study.toml").write_text(self.settings.study.to_toml(), encoding="utf-8")
 
     def _done(self, step: str) -> dict[str, Any] | None:
         path = self.out / "steps" / f"{step}.json"

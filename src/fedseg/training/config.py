@@ -102,7 +102,7 @@ class TrainConfig:
 def load_train_config(path: Path) -> TrainConfig:
     """Read the ``[train]`` table of a TOML file (defaults when it has none; other tables belong to others)."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
     return TrainConfig.from_dict(data.get("train", {}), source=str(path))
