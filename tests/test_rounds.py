@@ -206,3 +206,17 @@ def test_resumed_study_starts_at_its_next_round_and_unknown_sites_are_refused():
         rounds.site_connected("mayo")
     with pytest.raises(FedsegError, match="min_sites"):
         RoundsConfig(SITES, 3, 4)
+
+
+def test_completed_rounds_keep_the_sites_scalars_but_not_their_weights():
+    """Memory must not grow with the number of sites: weights go into the running sum only."""
+    rounds = server(rounds=2)
+    for site in SITES:
+        rounds.site_connected(site)
+    rounds.update_received("nci", update("nci", 1.0, dice=0.9))
+    rounds.update_received("suny", update("suny", 2.0, dice=0.8))
+    completed = rounds.update_received("ucla", update("ucla", 3.0, dice=0.7))[0]
+    assert isinstance(completed, RoundCompleted)
+    assert all(u.weights == {} for u in completed.updates.values())
+    assert {s: u.val_dice for s, u in completed.updates.items()} == {"nci": 0.9, "suny": 0.8, "ucla": 0.7}
+    assert completed.result.weights["w"].shape == (3,)

@@ -30,6 +30,7 @@ Rules (the [federation] issue, item 6):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -73,7 +74,11 @@ class SendTrain:
 
 @dataclass(frozen=True)
 class RoundCompleted:
-    """Round ``round`` aggregated; ``left_out`` maps sites to the reason they are not in it."""
+    """Round ``round`` aggregated; ``left_out`` maps sites to the reason they are not in it.
+
+    ``updates`` hold each site's scalars (samples, Dice, metrics) without weights: those live
+    only in the aggregated ``result``.
+    """
 
     round: int
     result: RoundResult
@@ -200,7 +205,9 @@ class ServerRounds:
             self.aggregator.add(update)
         except UpdateRejected as exc:
             return self._leave_out(site, f"update rejected: {exc.reason}")
-        current.updates[site] = update
+        # the weights are folded into the aggregator's running sum: keep only the scalars, so the
+        # server's memory does not grow with the number of sites
+        current.updates[site] = dataclasses.replace(update, weights={})
         return self._maybe_complete()
 
     def result_received(self, site: str, case_dice: dict[str, float]) -> list[Action]:

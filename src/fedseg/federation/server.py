@@ -227,10 +227,12 @@ class _Study:
                 await _send(ws, [wire.encode(wire.error_message(exc))])
                 await ws.close(int(wire.error_code(exc)), _close_reason(str(exc)))
                 return f"protocol error: {exc}"
+            del frame  # up to a frame of bytes: not kept alive while waiting for the next one
             if message is not None:
                 stop = await self._on_message(site, message)
                 if stop is not None:
                     return stop
+            message = None  # nor the decoded update, once it has been folded in
         return "disconnected"
 
     async def _on_message(self, site: str, message: Message) -> str | None:
