@@ -1,0 +1,1 @@
+"""Flower App for benchmarks/flower_round_overhead.py (ServerApp + sleeping ClientApp)."""
