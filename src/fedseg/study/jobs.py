@@ -20,7 +20,7 @@ from fedseg.training.config import TrainConfig
 from fedseg.training.data import PreparedSite, SiteData, resolve_site
 from fedseg.training.fit import TrainingSet, fold_training_set, train_fold
 
-__all__ = ["evaluate_job", "pooled_training_set", "train_job"]
+__all__ = ["evaluate_job", "pooled_training_set", "synth_job", "train_job"]
 
 
 def pooled_training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, int]) -> TrainingSet:
@@ -78,3 +78,15 @@ def evaluate_job(spec: dict[str, Any]) -> dict[str, Any]:
         site = resolve_site(Path(site_dir), prepare, Path(spec["cache"]))
         dice[name] = evaluate_site(ensemble, site, split)
     return {"model": spec["model"], "dice": dice}
+
+
+def synth_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Synthesise one institution (``spec``: out_dir, profile, cases, seed, resolution_scale)."""
+    from fedseg.data.site_profiles import get_profile
+    from fedseg.data.synth import synthesize_site
+
+    synthesize_site(
+        Path(spec["out_dir"]), get_profile(spec["profile"]), int(spec["cases"]), int(spec["seed"]),
+        resolution_scale=float(spec["resolution_scale"]),
+    )
+    return {"profile": spec["profile"], "cases": int(spec["cases"])}

@@ -40,7 +40,7 @@ from fedseg.data.layout import discover_site
 from fedseg.errors import FedsegError
 from fedseg.federation.local import run_local, site_names
 from fedseg.federation.study import settings_differences
-from fedseg.study.jobs import evaluate_job, train_job
+from fedseg.study.jobs import evaluate_job, synth_job, train_job
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
 from fedseg.training.data import PreparedSite, resolve_site
@@ -176,10 +176,20 @@ class StudyRun:
         start = time.perf_counter()
         self.say(f"data: synthesising {', '.join(DEFAULT_SITES)} ({plan.cases} cases each) and "
                  f"{DEFAULT_EXTERNAL} ({plan.external_cases} cases)")
-        synthesize_study(
-            data, list(DEFAULT_SITES), DEFAULT_EXTERNAL, plan.cases, plan.seed,
-            external_cases=plan.external_cases, resolution_scale=plan.resolution_scale,
-        )
+        if plan.workers <= 1:
+            synthesize_study(
+                data, list(DEFAULT_SITES), DEFAULT_EXTERNAL, plan.cases, plan.seed,
+                external_cases=plan.external_cases, resolution_scale=plan.resolution_scale,
+            )
+        else:  # one institution per worker: the same files (seeds are per case), sooner
+            counts = {site: plan.cases for site in DEFAULT_SITES} | {DEFAULT_EXTERNAL: plan.external_cases}
+            specs = [
+                {"out_dir": str(data / site), "profile": site, "cases": n, "seed": plan.seed,
+                 "resolution_scale": plan.resolution_scale}
+                for site, n in counts.items()
+            ]
+            for _ in self._pool(synth_job, specs):
+                pass
         self._finish("data", time.perf_counter() - start)
 
     def step_prepare(self) -> None:
