@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from conftest import invoke_cli as invoke
 
