@@ -17,7 +17,7 @@ Profiles:
 * ``demo`` — sized to finish the whole study (synthesis, 3 private + FL +
   pooled five-fold ensembles, evaluation, report) in about 10 minutes on 2
   CPU cores: 24 synthetic cases per site (5 test cases each), 3 mm,
-  ``unet-small``, 14 epochs/rounds (measured 9.5 min; docs/results.md).
+  ``unet-small``, 14 epochs/rounds (measured 9.2–9.9 min; docs/results.md).
 * ``paper`` — Sarma et al.'s protocol: 100 cases per site, 1 mm, AH-Net,
   300 epochs and rounds; meant for a GPU machine.
 """
