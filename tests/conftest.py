@@ -60,6 +60,22 @@ def cube_case(index: int):
     return CaseArrays(f"cube{index}", image, label, np.eye(4))
 
 
+def write_site(
+    root: Path,
+    n_cases: int = 5,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (24, 20, 8),
+    spacing: tuple[float, float, float] = (0.6, 0.6, 3.0),
+) -> Path:
+    """A small valid site folder in the fedseg layout at ``root`` (case i uses seed ``seed + i``)."""
+    affine = oblique_affine(spacing)
+    for i in range(n_cases):
+        image, mask = ellipsoid_case(shape, seed=seed + i)
+        save_volume(Volume(image, affine), root / "images" / f"case{i:02d}.nii.gz")
+        save_volume(Volume(mask, affine), root / "labels" / f"case{i:02d}.nii.gz")
+    return root
+
+
 @pytest.fixture
 def make_site(tmp_path: Path) -> Callable[..., Path]:
     """Factory for a small valid site folder in the fedseg layout."""
@@ -70,13 +86,7 @@ def make_site(tmp_path: Path) -> Callable[..., Path]:
         shape: tuple[int, int, int] = (24, 20, 8),
         spacing: tuple[float, float, float] = (0.6, 0.6, 3.0),
     ) -> Path:
-        root = tmp_path / name
-        affine = oblique_affine(spacing)
-        for i in range(n_cases):
-            image, mask = ellipsoid_case(shape, seed=i)
-            save_volume(Volume(image, affine), root / "images" / f"case{i:02d}.nii.gz")
-            save_volume(Volume(mask, affine), root / "labels" / f"case{i:02d}.nii.gz")
-        return root
+        return write_site(tmp_path / name, n_cases, shape=shape, spacing=spacing)
 
     return factory
 

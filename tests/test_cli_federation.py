@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ellipsoid_case, oblique_affine
 from conftest import invoke_cli as invoke
+from conftest import write_site
 
-from fedseg.data.volume import Volume, save_volume
 from fedseg.federation.rundir import RunDir
 
 STUDY_TOML = """
@@ -44,15 +43,6 @@ def commands():
     previous = torch.get_num_threads()
     yield
     torch.set_num_threads(previous)
-
-
-def write_site(root: Path, n_cases: int = 5, seed: int = 0) -> Path:
-    affine = oblique_affine((0.6, 0.6, 3.0))
-    for i in range(n_cases):
-        image, mask = ellipsoid_case((24, 20, 8), seed=seed + i)
-        save_volume(Volume(image, affine), root / "images" / f"case{i:02d}.nii.gz")
-        save_volume(Volume(mask, affine), root / "labels" / f"case{i:02d}.nii.gz")
-    return root
 
 
 @pytest.fixture(scope="module")

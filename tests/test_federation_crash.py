@@ -27,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ellipsoid_case, oblique_affine
+from conftest import write_site
 
-from fedseg.data.volume import Volume, save_volume
 from fedseg.federation.local import fedseg_command, free_port
 from fedseg.federation.provision import provision_study
 
@@ -61,15 +60,6 @@ elastic_prob = 0.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_site(root: Path, n_cases: int = 5, seed: int = 0) -> Path:
-    affine = oblique_affine((0.6, 0.6, 3.0))
-    for i in range(n_cases):
-        image, mask = ellipsoid_case((24, 20, 8), seed=seed + i)
-        save_volume(Volume(image, affine), root / "images" / f"case{i:02d}.nii.gz")
-        save_volume(Volume(mask, affine), root / "labels" / f"case{i:02d}.nii.gz")
-    return root
 
 
 @pytest.fixture(scope="module")
