@@ -52,6 +52,7 @@ from fedseg.federation.rundir import RunDir
 from fedseg.federation.strategies import Aggregator, Update, Weights
 from fedseg.federation.tls import peer_site, server_context
 from fedseg.federation.wire import ErrorCode, Message, MessageType
+from fedseg.training.checkpoint import read_json
 
 __all__ = ["HELLO_TIMEOUT_S", "PING_INTERVAL_S", "PING_TIMEOUT_S", "run_server"]
 
@@ -297,7 +298,7 @@ class _Study:
         """MODEL final, MODEL best, then EVALUATE naming the final model (built once, sent to each site)."""
         if self._final_frames is None:
             last = self.rounds.config.rounds - 1
-            final_dice = float(self.run_dir.rounds()[last]["aggregated_val_dice"])
+            final_dice = float(read_json(self.run_dir.round_folder(last) / "round.json")["aggregated_val_dice"])
             body = {"model": "final", "val_dice": min(max(final_dice, 0.0), 1.0)}
             frames = wire.to_frames(Message(MessageType.MODEL, round=last, body=body, tensors=self.rounds.global_weights))
             best = self.run_dir.best()

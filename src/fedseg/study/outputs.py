@@ -69,27 +69,22 @@ def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
 
 
 def _example(ensemble: Ensemble, site_name: str, prepared: Path, case: str) -> ExampleSlice:
+    """The case on its original grid; a 4-D (Decathlon) source is shown on the prepared grid instead."""
     meta = json.loads((prepared / "meta" / f"{case}.json").read_text())
     image = load_volume(meta["sources"]["image"]["path"])
-    truth = gland_mask(load_volume(meta["sources"]["label"]["path"]).array) > 0
-    if image.array.ndim == 4:  # Decathlon multi-channel: the prepared channel's index is recorded
+    if image.array.ndim == 4:
         image = load_volume(prepared / "images" / f"{case}.nii.gz")
-        return _example_on_prepared(ensemble, site_name, prepared, case)
-    prediction = ensemble.predict(image).array > 0
-    z = int(np.argmax(truth.sum(axis=(0, 1))))  # the slice with the most gland
-    return ExampleSlice(
-        site_name, case, image.array[:, :, z].astype(np.float32), truth[:, :, z], prediction[:, :, z],
-        float(dice_coefficient(prediction, truth)),
-    )
+        truth = load_volume(prepared / "labels" / f"{case}.nii.gz").array > 0
+        return _slice(site_name, case, image.array, truth, ensemble.probability(image.array) > 0.5)
+    truth = gland_mask(load_volume(meta["sources"]["label"]["path"]).array) > 0
+    return _slice(site_name, case, image.array, truth, ensemble.predict(image).array > 0)
 
 
-def _example_on_prepared(ensemble: Ensemble, site_name: str, prepared: Path, case: str) -> ExampleSlice:
-    image = load_volume(prepared / "images" / f"{case}.nii.gz")
-    truth = load_volume(prepared / "labels" / f"{case}.nii.gz").array > 0
-    prediction = ensemble.probability(image.array) > 0.5
+def _slice(site_name: str, case: str, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> ExampleSlice:
+    """The axial slice with the most gland, and the case's 3-D Dice."""
     z = int(np.argmax(truth.sum(axis=(0, 1))))
     return ExampleSlice(
-        site_name, case, image.array[:, :, z].astype(np.float32), truth[:, :, z], prediction[:, :, z],
+        site_name, case, image[:, :, z].astype(np.float32), truth[:, :, z], prediction[:, :, z],
         float(dice_coefficient(prediction, truth)),
     )
 
@@ -111,8 +106,7 @@ def write_study_report(run: StudyRun) -> None:
     """results.json, the report and its figures; prints the two tables."""
     from fedseg.study.pipeline import write_results
 
-    results = write_results(run)
-    record = json.loads(results.read_text())
+    results, record = write_results(run)
     dice = record["dice"]
     private, external = record["test_sets"]["private"], record["test_sets"]["external"]
     notes = [

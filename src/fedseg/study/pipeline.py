@@ -356,7 +356,7 @@ class StudyRun:
 
 def results_record(run: StudyRun) -> dict[str, Any]:
     """The content of results.json: every per-case Dice, and how it was obtained."""
-    sets = run.test_sets()
+    dice = run.dice()
     return {
         "fedseg_version": __version__,
         "settings": run.settings.to_dict(),
@@ -367,10 +367,10 @@ def results_record(run: StudyRun) -> dict[str, Any]:
             "external": [run.external.name] if run.external else [],
         },
         "folds": run.n_folds,
-        "dice": run.dice(),
+        "dice": dice,
         "timings_s": {**{k: read_json(p)["seconds"] for k, p in _step_files(run.out)}, **run.timings},
         "reference": FL,
-        "n_test_cases": {name: len(run.dice()[FL][name]) for name in sets},
+        "n_test_cases": {name: len(dice[FL][name]) for name in run.test_sets()},
     }
 
 
@@ -379,7 +379,8 @@ def _step_files(out: Path) -> list[tuple[str, Path]]:
     return [(p.stem, p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def write_results(run: StudyRun) -> Path:
-    path = run.out / "results.json"
-    path.write_text(json.dumps(results_record(run), indent=1, allow_nan=False))
-    return path
+def write_results(run: StudyRun) -> tuple[Path, dict[str, Any]]:
+    """Write results.json; returns its path and its content."""
+    path, record = run.out / "results.json", results_record(run)
+    path.write_text(json.dumps(record, indent=1, allow_nan=False))
+    return path, record
