@@ -37,8 +37,9 @@ Exceptions, each mapped to one :class:`ErrorCode` by :func:`error_code`::
     strategies.UpdateRejected  an UPDATE failed validate_update          -> REJECTED_UPDATE
     anything else              a bug or local failure                    -> INTERNAL (no detail)
 
-Sizes: a frame is at most ``max_frame`` bytes (:data:`DEFAULT_MAX_FRAME`); a
-larger message is cut by :func:`split` into CHUNK frames carrying slices of
+Sizes: a frame received is at most ``max_frame`` bytes (:data:`DEFAULT_MAX_FRAME`);
+a frame sent at most :data:`DEFAULT_SEND_FRAME`; a larger message is cut by
+:func:`split` into CHUNK frames carrying slices of
 its encoding, and :class:`Reassembler` joins them up to ``max_total`` bytes
 (:data:`DEFAULT_MAX_MESSAGE`). Tensor *values* (NaN, shapes against the
 global model) are checked by the layer that knows the model, not here.
@@ -68,8 +69,16 @@ PREFIX = struct.Struct(">4sI")  # magic, header length
 
 MiB = 1 << 20
 # One frame: small and mid-sized models travel whole; the per-frame memory a
-# peer can force on us stays bounded. AH-Net (see below) needs three chunks.
+# peer can force on us stays bounded (received frames; see DEFAULT_SEND_FRAME for sent ones).
 DEFAULT_MAX_FRAME = 64 * MiB
+# What we send is cut smaller than what we accept: a frame being sent is held
+# (framed, then encrypted) in the connection's buffers until the peer reads it,
+# and the server sends the global model to every site at once -- with 64 MiB
+# frames that was ~2 x 64 MiB per connection (~130 MB more per site at 32
+# sites). 1 MiB keeps it to a few MiB per site (benchmarks/aggregation_memory.py:
+# server peak at 32 sites 1.14 x that at 3, vs 1.25 x with 4 MiB and 2.65 x with
+# 64 MiB); CHUNK costs 512 B per MiB (0.05 %).
+DEFAULT_SEND_FRAME = 1 * MiB
 # One (reassembled) message: the 38 M-parameter AH-Net in fp32 is
 # 38e6 x 4 B ~ 152 MB (145 MiB) plus a small header; 1 GiB leaves room for
 # fp64 weights or a network several times larger.
@@ -543,7 +552,7 @@ def split(message: Message, chunk_size: int) -> list[bytes]:
     return _chunk_frames(encode(message), chunk_size)
 
 
-def to_frames(message: Message, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:
+def to_frames(message: Message, *, max_frame: int = DEFAULT_SEND_FRAME) -> list[bytes]:
     """The frames to send for ``message``: one if it fits ``max_frame``, else CHUNKs.
 
     Raises:
