@@ -55,7 +55,6 @@ from round_overhead import (  # the shared instrumented server and helpers
     free_port,
     machine,
     make_weights,
-    parse_params,
     provision,
     quiet_logging,
     round_intervals,
@@ -63,6 +62,8 @@ from round_overhead import (  # the shared instrumented server and helpers
     supervise,
     wait_listening,
 )
+
+from model_layouts import parse_tokens  # noqa: E402
 
 from fedseg.federation import wire
 from fedseg.federation.provision import load_kit
@@ -245,7 +246,7 @@ def main() -> None:
     parser.add_argument("--out", "--json", dest="out", type=Path, default=RESULTS / "aggregation_memory.json")
     args = parser.parse_args()
     counts = sorted({int(s) for s in args.sites.split(",") if s.strip()})
-    tokens = parse_params(args.params)
+    tokens = parse_tokens(args.params)
     if len(tokens) != 1 or not counts or counts[0] < 1 or args.rounds < 1 or args.upload_concurrency < 0:
         parser.error("one --params model, site counts >= 1, --rounds >= 1, --upload-concurrency >= 0")
     all_sites = [f"site{i:02d}" for i in range(counts[-1])]
@@ -254,7 +255,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="aggregation_memory-") as tmp:
         work = Path(tmp)
         kits = provision(work, all_sites)
-        label, weights = make_weights(tokens[0])
+        layout, weights = make_weights(tokens[0])
+        label = "AH-Net" if layout == "ahnet" else f"{tokens[0]} ({layout})"
         n_params, raw = sum(a.size for a in weights.values()), sum(a.nbytes for a in weights.values())
         weights_file = work / "weights.safetensors"
         safetensors.numpy.save_file(weights, str(weights_file))

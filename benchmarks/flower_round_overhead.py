@@ -21,11 +21,13 @@ end of ``aggregate_train``; overhead = median round time (round 0 excluded)
 minus ``--sleep``. Everything started is stopped in ``finally`` (process groups
 plus every descendant, since Flower detaches its SuperExec processes).
 
-Model sizes: ``38M`` (anything within 2 % of AH-Net's count) uses the exact
-tensor shapes of ``fedseg.models.build_model("ahnet").state_dict()`` as
-float32; other sizes scale AH-Net's per-tensor sizes to the requested total as
-1-D arrays (same tensor count, 735). Without fedseg, 100 equal 1-D arrays;
-``--arrays N`` forces N equal 1-D arrays (to separate per-tensor from per-byte cost).
+Model sizes (benchmarks/model_layouts.py, shared with round_overhead.py so
+both frameworks move the same tensors): ``ahnet`` or ``38M`` (anything within
+2 % of AH-Net's count) uses the exact tensor shapes of
+``fedseg.models.build_model("ahnet").state_dict()`` as float32; other sizes
+scale AH-Net's per-tensor sizes to the requested total as 1-D arrays (same
+tensor count, 735). Without fedseg, 100 equal 1-D arrays; ``--arrays N``
+forces N equal 1-D arrays (to separate per-tensor from per-byte cost).
 
 What to expect from Flower 1.42's defaults (read from its source, not tunable
 from the command line): the ServerApp polls for replies every 3 s
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -54,48 +57,10 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
+
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
-AHNET_TOLERANCE = 0.02
-
-
-def parse_params(text: str) -> int:
-    """'0.1M' -> 100_000, '38M' -> 38_000_000, '1.5G' -> 1_500_000_000, '5000' -> 5000."""
-    text = text.strip().upper()
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1)
-    number = float(text[:-1] if scale != 1 else text)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"parameter count must be positive: {text}")
-    return round(number * scale)
-
-
-def ahnet_shapes() -> list[list[int]] | None:
-    """Tensor shapes of fedseg's AH-Net (None when fedseg or torch is missing)."""
-    try:
-        from fedseg.models import build_model
-    except ImportError:
-        return None
-    return [list(t.shape) for t in build_model("ahnet").state_dict().values()]
-
-
-def layout_for(n_params: int, ahnet: list[list[int]] | None, n_arrays: int | None = None) -> tuple[str, list[list[int]]]:
-    """Array shapes totalling ~n_params float32 values, and the name of the layout used."""
-    if ahnet is not None and n_arrays is None:
-        sizes = [max(1, _prod(s)) for s in ahnet]
-        total = sum(sizes)
-        if abs(n_params - total) <= AHNET_TOLERANCE * total:
-            return "ahnet", [s if s else [1] for s in ahnet]
-        scaled = [max(1, round(size * n_params / total)) for size in sizes]
-        return "ahnet-scaled", [[n] for n in scaled]
-    count = min(n_params, n_arrays or 100)
-    base, rest = divmod(n_params, count)
-    return "uniform", [[base + (1 if i < rest else 0)] for i in range(count)]
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for dim in shape:
-        out *= dim
-    return out
 
 
 def make_tls(folder: Path) -> dict[str, Path]:
@@ -269,7 +234,7 @@ def run_one(label: str, shapes_name: str, shapes: list[list[int]], args, work: P
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
-    record = {"model": label, "params": sum(_prod(s) for s in shapes), "layout": shapes_name, "n_arrays": len(shapes),
+    record = {"model": label, "params": sum(math.prod(s) for s in shapes), "layout": shapes_name, "n_arrays": len(shapes),
               "rounds": args.rounds, "sleep_s": args.sleep, "nodes": args.nodes, "reply": args.reply,
               "median_round_s": None, "overhead_s": None, "per_round_s": [], "flower_version": flower_version, "errors": []}
     procs: list[subprocess.Popen] = []
@@ -361,7 +326,7 @@ def _fmt(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="1M,38M,150M", help="comma-separated float32 parameter counts (K/M/G suffixes)")
+    parser.add_argument("--params", default="1M,ahnet,150M", help="comma list: 'ahnet' (38 M) or float32 parameter counts with K/M/G suffixes")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sleep", type=float, default=1.0, help="seconds each ClientApp 'trains' (sleeps) per round")
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes")
@@ -382,14 +347,13 @@ def main() -> None:
     except ImportError:
         raise SystemExit("flwr is not importable: pip install -e '.[bench]'") from None
     flower_version = flwr.__version__
-    labels = [p.strip() for p in args.params.split(",") if p.strip()]
-    sizes = [parse_params(p) for p in labels]
+    labels = parse_tokens(args.params)
     ahnet = ahnet_shapes() if args.arrays is None else None
     work_root = Path(tempfile.mkdtemp(prefix="flower-bench-"))
     results = []
     try:
-        for label, n_params in zip(labels, sizes):
-            shapes_name, shapes = layout_for(n_params, ahnet, args.arrays)
+        for label in labels:
+            shapes_name, shapes = layout_for(label, ahnet, args.arrays)
             print(f"[{label}] {shapes_name} layout, {len(shapes)} arrays; starting SuperLink + {args.nodes} SuperNodes ...", flush=True)
             started = time.perf_counter()
             record = run_one(label, shapes_name, shapes, args, work_root / label, flower_version)

@@ -2,6 +2,12 @@
 
     python benchmarks/round_overhead.py                                   # 1 M, AH-Net (38 M), 150 M; 5 timed rounds
     python benchmarks/round_overhead.py --params 0.1M --rounds 2 --sleep 0.05 --floor-reps 2   # smoke run
+    pip install -e '.[bench]' && python benchmarks/round_overhead.py --flower   # + Flower 1.42 on the same models
+
+Models (benchmarks/model_layouts.py): ``ahnet`` is AH-Net's state dict (735
+tensors, 38 M values); a count such as 1M or 150M scales AH-Net's per-tensor
+sizes to that total (still 735 tensors), so fedseg and Flower move the same
+tensors and per-tensor costs are compared fairly.
 
 For each model the server (``run_server``) and three site clients
 (``run_client``) run as SEPARATE processes (multiprocessing, spawn) on
@@ -39,17 +45,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import json
 import logging
 import multiprocessing as mp
 import os
 import platform
-import re
 import resource
 import shutil
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,6 +67,9 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 import websockets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
 
 from fedseg.federation import wire
 from fedseg.federation.provision import load_kit, provision_study
@@ -75,34 +85,21 @@ UPDATE_BODY = {"num_samples": 10, "val_dice": 0.8, "metrics": {"train_loss": 0.1
 # --------------------------------------------------------------------------- models
 
 
-def parse_params(text: str) -> list[str]:
-    """``"1M,ahnet,150M"`` -> tokens; a token is ``ahnet`` or a count with an optional K/M/G suffix."""
-    tokens = [t.strip() for t in text.split(",") if t.strip()]
-    for token in tokens:
-        if token.lower() != "ahnet" and not re.fullmatch(r"\d+(\.\d+)?[kKmMgG]?", token):
-            raise SystemExit(f"--params: {token!r} is neither 'ahnet' nor a count such as 0.1M, 38M, 150M")
-    return tokens
-
-
-def param_count(token: str) -> int:
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(token[-1].lower(), 1.0)
-    number = token[:-1] if token[-1].isalpha() else token
-    return max(1, round(float(number) * scale))
-
-
 def make_weights(token: str, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:
-    """(label, state dict): the AH-Net state dict (``ahnet``), else synthetic fp32 tensors of <= 1 M each."""
+    """(layout, state dict): AH-Net's real state dict for ``ahnet``, else fp32 arrays laid out as
+    ``model_layouts.layout_for`` says (AH-Net's 735 tensors scaled), the same arrays Flower's benchmark moves."""
     if token.lower() == "ahnet":
         from fedseg.models import build_model  # torch only when needed
 
         state = build_model("ahnet", seed=seed).state_dict()
-        return "AH-Net", {name: tensor.detach().cpu().numpy().copy() for name, tensor in state.items()}
-    total, rng, weights, index = param_count(token), np.random.default_rng(seed), {}, 0
-    while total > 0:
-        n = min(total, 1_000_000)
-        weights[f"layer{index:04d}.weight"] = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
-        total, index = total - n, index + 1
-    return "synthetic", weights
+        return "ahnet", {name: tensor.detach().cpu().numpy().copy() for name, tensor in state.items()}
+    layout, shapes = layout_for(token, ahnet_shapes())
+    rng = np.random.default_rng(seed)
+    weights = {
+        f"layer{index:04d}.weight": rng.standard_normal(math.prod(shape), dtype=np.float32).reshape(shape) * np.float32(0.02)
+        for index, shape in enumerate(shapes)
+    }
+    return layout, weights
 
 
 def raw_bytes(weights: dict[str, np.ndarray]) -> int:
@@ -432,7 +429,8 @@ def tls_floor(kits: Path, sites: list[str], n_down: int, n_up: int, reps: int, t
 
 
 def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, sites: list[str]) -> dict[str, Any]:
-    label, weights = make_weights(token)
+    layout, weights = make_weights(token)
+    label = "AH-Net" if layout == "ahnet" else token
     n_params, n_tensors = sum(a.size for a in weights.values()), len(weights)
     raw = raw_bytes(weights)
     n_down, frames_down, n_up, frames_up = wire_sizes(weights, sites[0])
@@ -475,6 +473,7 @@ def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, site
     return {
         "model": label,
         "params_token": token,
+        "layout": layout,
         "params": n_params,
         "tensors": n_tensors,
         "raw_bytes": raw,
@@ -525,6 +524,41 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_flower(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Flower's rows for the same sizes, rounds and sleep (flower_round_overhead.py, same interpreter)."""
+    try:
+        import flwr  # noqa: F401 -- only to fail early with the install command
+    except ImportError:
+        raise SystemExit("--flower needs Flower in this environment: pip install -e '.[bench]'") from None
+    out = work / "flower.json"
+    command = [
+        sys.executable, str(Path(__file__).resolve().parent / "flower_round_overhead.py"), "--params", args.params,
+        "--rounds", str(args.rounds), "--sleep", str(args.sleep), "--timeout", str(args.timeout), "--out", str(out),
+    ]
+    print("running Flower:", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())["results"]
+
+
+def comparison(rows: list[dict[str, Any]], flower: list[dict[str, Any]]) -> str:
+    """Side-by-side table: fedseg vs Flower overhead (and both against the TLS floor)."""
+    lines = [
+        "| model | params | tensors | fedseg overhead (s) | Flower overhead (s) | fedseg / Flower | target <= 0.5 "
+        "| TLS floor (s) | fedseg / floor | target <= 2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, f in zip(rows, flower, strict=True):
+        ours, theirs, floor = r["overhead_s"], f.get("overhead_s"), r["median_floor_s"]
+        ratio = None if theirs is None or theirs <= 0 else ours / theirs
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['tensors']} | {ours:.3f} "
+            f"| {'failed' if theirs is None else f'{theirs:.3f}'} | {'-' if ratio is None else f'{ratio:.3f}'} "
+            f"| {'-' if ratio is None else ('met' if ratio <= 0.5 else 'MISSED')} | {floor:.3f} "
+            f"| {ours / floor:.1f} | {'met' if ours <= 2 * floor else 'MISSED'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="1M,ahnet,150M", help="comma list: 'ahnet' (AH-Net state dict, 38 M) or synthetic counts like 0.1M, 1M, 150M")
@@ -534,10 +568,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up on one model's study after this many seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="kits, weights and run directories (default: a temp folder)")
     parser.add_argument("--out", "--json", dest="out", type=Path, default=RESULTS / "round_overhead.json")
+    parser.add_argument("--flower", action="store_true",
+                        help="also run Flower 1.42 (deployment mode, flower_round_overhead.py) on the same models and compare")
     args = parser.parse_args()
     if args.rounds < 1 or args.floor_reps < 1 or args.sleep < 0:
         parser.error("--rounds and --floor-reps must be >= 1 and --sleep >= 0")
-    tokens = parse_params(args.params)
+    tokens = parse_tokens(args.params)
     sites = ["site0", "site1", "site2"]
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -547,6 +583,8 @@ def main() -> None:
         rows = []
         for token in tokens:
             rows.append(run_model(token, args, work, kits, sites))
+            print(f"[{token}] fedseg median round {rows[-1]['median_round_s']:.3f} s", flush=True)
+        flower = run_flower(args, work) if args.flower else None
     record = {
         "benchmark": "round_overhead",
         "date": time.strftime("%Y-%m-%d"),
@@ -557,10 +595,13 @@ def main() -> None:
         "sleep_s": args.sleep,
         "floor_reps": args.floor_reps,
         "rows": rows,
+        "flower": flower,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(markdown(rows))
+    if flower is not None:
+        print("\n" + comparison(rows, flower))
     print(f"\nwire ratio target <= 1.01; overhead = median round - sleep ({args.sleep} s); "
           f"{args.rounds} timed rounds after 1 warm-up, 3 sites")
 

@@ -36,9 +36,11 @@ def test_round_overhead_benchmark_smoke(tmp_path):
     for key in ("median_round_s", "overhead_s", "median_floor_s", "overhead_over_floor", "median_commit_s", "server_peak_rss_mb"):
         assert row[key] > 0, key
     assert row["wire_bytes_per_site_round"] == row["train_bytes"] + row["update_bytes"] > 2 * row["raw_bytes"]
-    assert 1.0 < row["wire_ratio"] <= 1.01
+    assert row["tensors"] == 735 and row["layout"] == "ahnet-scaled"  # the same tensors Flower's benchmark moves
+    # 735 safetensors header entries (~57 kB) on 0.4 MB of values; at AH-Net's size the ratio is ~1.0006
+    assert 1.0 < row["wire_ratio"] < 1.2
     assert row["audit_update_bytes"] == [row["update_bytes"]]  # what run_client logged it sent
-    assert "| synthetic | 0.1 M | 0.4 |" in result.stdout
+    assert "| 0.1M | 0.1 M | 0.4 |" in result.stdout
 
 
 def test_aggregation_memory_benchmark_smoke(tmp_path):
