@@ -17,7 +17,7 @@ Profiles:
 * ``demo`` — sized to finish the whole study (synthesis, 3 private + FL +
   pooled five-fold ensembles, evaluation, report) in about 10 minutes on 2
   CPU cores: 24 synthetic cases per site (5 test cases each), 3 mm,
-  ``unet-small``, 14 epochs/rounds (measured 9.2–9.9 min; docs/results.md).
+  ``unet-small``, 12 epochs/rounds (measured: docs/results.md).
 * ``paper`` — Sarma et al.'s protocol: 100 cases per site, 1 mm, AH-Net,
   300 epochs and rounds; meant for a GPU machine.
 """
@@ -108,7 +108,7 @@ class Settings:
         }
 
 
-_DEMO_EPOCHS = 14
+_DEMO_EPOCHS = 12
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "study": {"cases": 24, "external_cases": 16, "resolution_scale": 1.0, "workers": 2},
