@@ -61,3 +61,11 @@ def test_aggregation_memory_benchmark_smoke(tmp_path):
     assert record["numpy_gbps"]["f32"] > 0 and record["numpy_gbps"]["f64"] > 0
     assert record["peak_ratio_last_vs_first"] > 0
     assert "| 3 | synthetic 0.1 M |" in result.stdout
+
+
+def test_server_steps_benchmark_smoke():
+    result = run_benchmark("server_steps.py", "--reps", "1")
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| server step")]
+    assert len(rows) == 5, result.stdout
+    assert all(float(row.rsplit("|", 2)[1]) > 0 for row in rows)
+    assert "735 tensors; 146 frames" in result.stdout
