@@ -256,7 +256,7 @@ def main() -> None:
         work = Path(tmp)
         kits = provision(work, all_sites)
         layout, weights = make_weights(tokens[0])
-        label = "AH-Net" if layout == "ahnet" else f"{tokens[0]} ({layout})"
+        label = "AH-Net" if layout == "ahnet" else "scaled AH-Net"
         n_params, raw = sum(a.size for a in weights.values()), sum(a.nbytes for a in weights.values())
         weights_file = work / "weights.safetensors"
         safetensors.numpy.save_file(weights, str(weights_file))

@@ -60,7 +60,7 @@ def test_aggregation_memory_benchmark_smoke(tmp_path):
         assert row["peak_rss_end_mb"] >= row["peak_rss_rounds_mb"]
     assert record["numpy_gbps"]["f32"] > 0 and record["numpy_gbps"]["f64"] > 0
     assert record["peak_ratio_last_vs_first"] > 0
-    assert "| 3 | synthetic 0.1 M |" in result.stdout
+    assert "| 3 | scaled AH-Net 0.1 M |" in result.stdout
 
 
 def test_server_steps_benchmark_smoke():
