@@ -266,12 +266,15 @@ def test_update_with_nan_is_left_out_and_the_others_complete_the_round(kits, tmp
         return dataclasses.replace(result, weights=weights)
 
     trainers = {site: RecordingTrainer(i, poison_first_round if site == "ucla" else None) for i, site in enumerate(SITES)}
-    with caplog.at_level(logging.INFO, logger="fedseg.server"):
+    with caplog.at_level(logging.INFO, logger="fedseg"):
         asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
 
     run_dir = tmp_path / "run"
     rounds = RunDir.open(run_dir).rounds()
     assert set(rounds[0]["left_out"]) == {"ucla"}
+    # the site itself was told, with the reason, and carried on
+    told = [r.getMessage() for r in caplog.records if r.name == "fedseg.client" and "rejected this site's update" in r.getMessage()]
+    assert len(told) == 1 and told[0].startswith("round 0:") and "finite" in told[0]
     assert "rejected" in rounds[0]["left_out"]["ucla"]
     assert set(rounds[0]["site_weights"]) == {"nci", "suny"}
     assert_round_matches(run_dir, 0, {site: trainers[site].results[0] for site in ("nci", "suny")})

@@ -16,6 +16,7 @@ from fedseg.federation.rounds import (
     ServerRounds,
     StudyDone,
     StudyFailed,
+    UpdateRefused,
 )
 from fedseg.federation.strategies import DiceWeighted, Update
 
@@ -66,7 +67,9 @@ def test_rejected_update_never_reaches_the_global_model():
     for site in SITES:
         rounds.site_connected(site)
     bad = Update("ucla", {"w": np.array([np.nan, 0, 0], np.float32)}, 10, 0.9)
-    assert rounds.update_received("ucla", bad) == []
+    (refused,) = rounds.update_received("ucla", bad)  # the site is told why, the round goes on
+    assert isinstance(refused, UpdateRefused) and (refused.site, refused.round) == ("ucla", 0)
+    assert "non-finite" in refused.reason
     rounds.update_received("nci", update("nci", 1.0))
     completed = rounds.update_received("suny", update("suny", 3.0))[0]
     assert np.allclose(completed.result.weights["w"], 2.0)

@@ -271,6 +271,11 @@ async def _session(url: str, context: ssl.SSLContext, session: _Session) -> Weig
 
 
 async def _on_message(ws: ClientConnection, session: _Session, message: Message, server: str) -> None:
+    if message.type is MessageType.ERROR and message.body["code"] == ErrorCode.REJECTED_UPDATE:
+        # not fatal: the round goes on without this site, and the next TRAIN asks it again
+        log.warning("round %s: the server rejected this site's update and left the site out of the round: %s",
+                    message.round, message.body["reason"] or "no reason given")
+        return
     if message.type in (MessageType.REFUSE, MessageType.ERROR):
         raise _server_error(message)
     if message.type is MessageType.WELCOME:

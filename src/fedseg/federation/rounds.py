@@ -73,6 +73,15 @@ class SendTrain:
 
 
 @dataclass(frozen=True)
+class UpdateRefused:
+    """Tell ``site`` its update for ``round`` failed validation; it stays in the study, out of this round."""
+
+    site: str
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoundCompleted:
     """Round ``round`` aggregated; ``left_out`` maps sites to the reason they are not in it.
 
@@ -115,7 +124,7 @@ class StudyFailed:
     public_reason: str
 
 
-Action = SendTrain | RoundCompleted | SendFinal | EvaluationCompleted | StudyDone | StudyFailed
+Action = SendTrain | UpdateRefused | RoundCompleted | SendFinal | EvaluationCompleted | StudyDone | StudyFailed
 
 
 @dataclass
@@ -204,7 +213,8 @@ class ServerRounds:
         try:
             self.aggregator.add(update)
         except UpdateRejected as exc:
-            return self._leave_out(site, f"update rejected: {exc.reason}")
+            # the site is told (else it would only learn from the server's log) and asked again next round
+            return [UpdateRefused(site, current.number, exc.reason), *self._leave_out(site, f"update rejected: {exc.reason}")]
         # the weights are folded into the aggregator's running sum: keep only the scalars, so the
         # server's memory does not grow with the number of sites
         current.updates[site] = dataclasses.replace(update, weights={})

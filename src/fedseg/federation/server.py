@@ -47,6 +47,7 @@ from fedseg.federation.rounds import (
     ServerRounds,
     StudyDone,
     StudyFailed,
+    UpdateRefused,
 )
 from fedseg.federation.rundir import RunDir
 from fedseg.federation.strategies import Aggregator, Update, Weights
@@ -272,7 +273,9 @@ class _Study:
             if sends:
                 await asyncio.gather(*sends)
                 sends = []
-            if isinstance(action, RoundCompleted):
+            if isinstance(action, UpdateRefused):
+                await self._tell_refused(action)
+            elif isinstance(action, RoundCompleted):
                 self._commit(action)
             elif isinstance(action, EvaluationCompleted):
                 self._record_evaluation(action)
@@ -293,6 +296,13 @@ class _Study:
             train = Message(MessageType.TRAIN, round=action.round, body=body, tensors=self.rounds.global_weights)
             self._train_frames = (action.round, wire.to_frames(train))
         await _send(ws, self._train_frames[1])
+
+    async def _tell_refused(self, refused: UpdateRefused) -> None:
+        """The site learns why its update was left out (the round's log line says it for the server)."""
+        ws = self.connections.get(refused.site)
+        if ws is not None:
+            body = {"code": int(ErrorCode.REJECTED_UPDATE), "reason": refused.reason[: wire.MAX_TEXT]}
+            await _send(ws, [wire.encode(Message(MessageType.ERROR, round=refused.round, body=body))])
 
     def _final_messages(self, evaluate: bool) -> list[bytes]:
         """MODEL final, MODEL best, then EVALUATE naming the final model (built once, sent to each site)."""
