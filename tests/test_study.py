@@ -26,7 +26,7 @@ MINIMAL = """
 cases = 3
 external_cases = 3
 resolution_scale = 4.0
-workers = 1
+workers = 2
 [prepare]
 spacing_mm = 4.0
 [train]

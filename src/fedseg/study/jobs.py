@@ -1,14 +1,17 @@
 """Work units of a study that run in worker processes: train one fold, evaluate one model.
 
-Each job takes and returns plain JSON-shaped dicts (worker processes are
-started with ``spawn``; nothing but these dicts crosses the process
-boundary), prepares nothing new (the sites are already in the cache) and
+Each job takes and returns plain JSON-shaped dicts (worker processes get
+specs and return results as JSON lines: see fedseg.study.workers and
+:func:`serve`), prepares nothing new (the sites are already in the cache) and
 writes only inside its own fold folder — the parent process owns every
 ``model.json``.
 """
 
 from __future__ import annotations
 
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,11 @@ import torch
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.training.config import TrainConfig
+from fedseg.training.checkpoint import json_line, parse_json_line
 from fedseg.training.data import PreparedSite, SiteData, resolve_site
 from fedseg.training.fit import TrainingSet, fold_training_set, train_fold
 
-__all__ = ["evaluate_job", "pooled_training_set", "synth_job", "train_job"]
+__all__ = ["JOBS", "evaluate_job", "pooled_training_set", "synth_job", "train_job"]
 
 
 def pooled_training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, int]) -> TrainingSet:
@@ -90,3 +94,28 @@ def synth_job(spec: dict[str, Any]) -> dict[str, Any]:
         resolution_scale=float(spec["resolution_scale"]),
     )
     return {"profile": spec["profile"], "cases": int(spec["cases"])}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"synth": synth_job, "train": train_job, "evaluate": evaluate_job}
+
+
+def serve() -> int:
+    """Worker loop of fedseg.study.workers: one JSON request per stdin line, one JSON reply per stdout line."""
+    replies = sys.stdout
+    sys.stdout = sys.stderr  # a job's own prints must not corrupt the reply stream
+    for line in sys.stdin:
+        request = parse_json_line(line)
+        try:
+            reply = {"ok": True, "result": JOBS[request["job"]](request["spec"])}
+        except Exception:  # noqa: BLE001 -- the parent reports it, with the traceback
+            reply = {"ok": False, "error": traceback.format_exc()}
+        replies.write(json_line(reply) + "\n")
+        replies.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--serve"]:
+        print("usage: python -m fedseg.study.jobs --serve   (started by fedseg study; requests on stdin)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve())

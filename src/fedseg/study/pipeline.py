@@ -26,11 +26,9 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from fedseg.data.layout import discover_site
 from fedseg.errors import FedsegError
 from fedseg.federation.local import run_local, site_names
 from fedseg.federation.study import settings_differences
-from fedseg.study.jobs import evaluate_job, synth_job, train_job
+from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
 from fedseg.training.data import PreparedSite, resolve_site
@@ -188,7 +186,7 @@ class StudyRun:
                  "resolution_scale": plan.resolution_scale}
                 for site, n in counts.items()
             ]
-            for _ in self._pool(synth_job, specs):
+            for _ in self._pool("synth", specs):
                 pass
         self._finish("data", time.perf_counter() - start)
 
@@ -254,7 +252,7 @@ class StudyRun:
             return
         self.say(f"train: {len(jobs)} of {total} fold models to train ({', '.join(groups)}), "
                  f"{self.settings.plan.workers} at a time")
-        for result in self._pool(train_job, jobs):
+        for result in self._pool("train", jobs):
             model = result.pop("model")
             outcome = FoldOutcome(**result)
             record_fold(self.model_dir(model), outcome)
@@ -262,16 +260,9 @@ class StudyRun:
             self.say(f"  {model} fold {outcome.fold}: best val Dice {outcome.best_val_dice:.3f} at epoch "
                      f"{outcome.best_epoch}/{outcome.epochs} ({outcome.seconds:.0f} s{resumed})")
 
-    def _pool(self, job: Callable[[dict[str, Any]], dict[str, Any]], specs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        """Run ``job`` on every spec in ``plan.workers`` spawned processes; yield results as they come."""
-        workers = min(self.settings.plan.workers, len(specs))
-        if workers <= 1:
-            yield from map(job, specs)
-            return
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(job, spec) for spec in specs]
-            for future in as_completed(futures):
-                yield future.result()
+    def _pool(self, job: str, specs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        """Run study job ``job`` on every spec in ``plan.workers`` processes; yield results as they come."""
+        return run_jobs(job, specs, self.settings.plan.workers, self.out)
 
     # ------------------------------------------------------------ 4 federated
 
@@ -333,7 +324,7 @@ class StudyRun:
             self.say("evaluate: every model already evaluated (skipped)")
             return
         self.say(f"evaluate: {len(specs)} model(s) on {', '.join(sets)}")
-        for result in self._pool(evaluate_job, specs):
+        for result in self._pool("evaluate", specs):
             model = result["model"]
             write_json(self.out / "eval" / f"{model}.json",
                        {"model": model, "model_json": self._model_stamp(model), "dice": result["dice"]})

@@ -89,6 +89,16 @@ def _json_restore(value: Any) -> Any:
     return value
 
 
+def json_line(data: Any) -> str:
+    """Strict one-line JSON (non-finite floats tagged), e.g. for a pipe between processes."""
+    return json.dumps(_json_safe(data), allow_nan=False)
+
+
+def parse_json_line(text: str) -> Any:
+    """The inverse of :func:`json_line`."""
+    return _json_restore(json.loads(text))
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Strict JSON, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
