@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.federation.strategies import AGGREGATORS, SERVER_OPTIMIZERS, Aggregator, make_aggregator
-from fedseg.training.config import TrainConfig
+from fedseg.training.config import TrainConfig, read_toml
 
 __all__ = ["FederationConfig", "StudyConfig", "load_study_config", "read_toml", "settings_differences"]
 
@@ -188,13 +187,6 @@ def settings_differences(
         elif a != b:
             differences.append(f"{prefix}{key}: {a!r} here vs {b!r} on the server")
     return differences
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
 
 
 def load_study_config(path: Path | None) -> StudyConfig:

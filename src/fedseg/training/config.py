@@ -99,10 +99,14 @@ class TrainConfig:
             raise FedsegError(f"{source}: {exc}") from exc
 
 
-def load_train_config(path: Path) -> TrainConfig:
-    """Read the ``[train]`` table of a TOML file (defaults when it has none; other tables belong to others)."""
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; an unreadable or malformed file raises FedsegError naming it."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
-    return TrainConfig.from_dict(data.get("train", {}), source=str(path))
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """Read the ``[train]`` table of a TOML file (defaults when it has none; other tables belong to others)."""
+    return TrainConfig.from_dict(read_toml(path).get("train", {}), source=str(path))
