@@ -20,7 +20,7 @@ import torch
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.training.config import TrainConfig
-from fedseg.training.checkpoint import json_line, parse_json_line
+from fedseg.training.checkpoint import dumps_json, loads_json
 from fedseg.training.data import PreparedSite, SiteData, resolve_site
 from fedseg.training.fit import TrainingSet, fold_training_set, train_fold
 
@@ -104,12 +104,12 @@ def serve() -> int:
     replies = sys.stdout
     sys.stdout = sys.stderr  # a job's own prints must not corrupt the reply stream
     for line in sys.stdin:
-        request = parse_json_line(line)
+        request = loads_json(line)
         try:
             reply = {"ok": True, "result": JOBS[request["job"]](request["spec"])}
         except Exception:  # noqa: BLE001 -- the parent reports it, with the traceback
             reply = {"ok": False, "error": traceback.format_exc()}
-        replies.write(json_line(reply) + "\n")
+        replies.write(dumps_json(reply) + "\n")
         replies.flush()
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
-from fedseg.training.checkpoint import json_line, parse_json_line
+from fedseg.training.checkpoint import dumps_json, loads_json
 
 __all__ = ["run_jobs"]
 
@@ -52,7 +52,7 @@ class _Worker:
     def submit(self, job: str, index: int, spec: dict[str, Any]) -> None:
         assert self.process.stdin is not None
         self.job_index = index
-        self.process.stdin.write(json_line({"job": job, "spec": spec}) + "\n")
+        self.process.stdin.write(dumps_json({"job": job, "spec": spec}) + "\n")
         self.process.stdin.flush()
 
     def log_tail(self) -> str:
@@ -104,7 +104,7 @@ def _run_in_workers(job: str, specs: list[dict[str, Any]], workers: int, folder:
                 code = worker.process.wait()
                 raise FedsegError(f"a study {job} worker stopped (exit code {code}) during job {worker.job_index}; "
                                   f"its output ended with:\n{worker.log_tail()}")
-            reply = parse_json_line(line)
+            reply = loads_json(line)
             if not reply.get("ok"):
                 tail = "\n".join(f"    {x}" for x in str(reply.get("error")).splitlines()[-LOG_TAIL_LINES:])
                 raise FedsegError(f"study {job} job {worker.job_index} failed:\n{tail}")

@@ -89,13 +89,13 @@ def _json_restore(value: Any) -> Any:
     return value
 
 
-def json_line(data: Any) -> str:
-    """Strict one-line JSON (non-finite floats tagged), e.g. for a pipe between processes."""
-    return json.dumps(_json_safe(data), allow_nan=False)
+def dumps_json(data: Any, indent: int | None = None) -> str:
+    """Strict JSON text, non-finite floats tagged; one line unless ``indent`` (e.g. for a pipe)."""
+    return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
 
 
-def parse_json_line(text: str) -> Any:
-    """The inverse of :func:`json_line`."""
+def loads_json(text: str) -> Any:
+    """The inverse of :func:`dumps_json`."""
     return _json_restore(json.loads(text))
 
 
@@ -103,13 +103,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Strict JSON, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic(path)
-    tmp.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
+    tmp.write_text(dumps_json(data, indent=1))
     commit_file(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return _json_restore(json.loads(Path(path).read_text()))
+        return loads_json(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read JSON ({exc})") from exc
 
