@@ -311,7 +311,7 @@ class SleepTrainer:
         self.weights: dict[str, Any] = {}
         self.max_work_s = 0.0
 
-    def run_epoch(self, weights: dict[str, Any] | None = None) -> Any:
+    def run_epoch(self, weights: dict[str, Any] | None = None, validate: bool | None = None) -> Any:
         import torch
 
         from fedseg.training.engine import EpochResult

@@ -78,8 +78,8 @@ class RecordingTrainer:
         self.tamper = tamper
         self.results: list[EpochResult] = []
 
-    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None) -> EpochResult:
-        result = self.inner.run_epoch(weights)
+    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None, validate: bool | None = None) -> EpochResult:
+        result = self.inner.run_epoch(weights, validate)
         if self.tamper is not None:
             result = self.tamper(len(self.results), result)
         self.results.append(result)
@@ -289,11 +289,11 @@ class FlakyTrainer(RecordingTrainer):
         super().__init__(index)
         self.error: BaseException | None = error
 
-    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None) -> EpochResult:
+    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None, validate: bool | None = None) -> EpochResult:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        return super().run_epoch(weights)
+        return super().run_epoch(weights, validate)
 
 
 def test_site_dropping_out_is_left_out_while_quorum_holds(kits, tmp_path):

@@ -116,7 +116,7 @@ def test_weights_that_do_not_fit_are_refused():
 def test_crops_are_a_function_of_seed_and_epoch():
     """The same (seed, epoch) draws the same augmented batches; the next epoch draws others."""
     local = trainer(config(augment=AugmentConfig()))
-    first, again, following = (list(local._batches(e)) for e in (0, 0, 1))
+    first, again, following = (list(local.pipeline.batches(e)) for e in (0, 0, 1))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, following))
 
@@ -297,7 +297,7 @@ def test_unknown_network_lists_the_choices():
 def test_config_threads_are_applied_during_training(tmp_path, monkeypatch):
     """A [train] threads = N setting must govern torch's intra-op threads while the fold trains."""
     seen = []
-    monkeypatch.setattr(LocalTrainer, "train_one_epoch", lambda self: seen.append(torch.get_num_threads()) or 0.5)
+    monkeypatch.setattr(LocalTrainer, "train_one_epoch", lambda self, new_anchor=False: seen.append(torch.get_num_threads()) or 0.5)
     monkeypatch.setattr(LocalTrainer, "validate", lambda self: 0.5)
     wanted = torch.get_num_threads() + 1
     try:

@@ -29,6 +29,9 @@ from fedseg.data.volume import Volume
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
 from fedseg.training.checkpoint import MODEL_JSON, load_weights, read_json
+from fedseg.training.device import Hardware
+
+CPU = Hardware(torch.device("cpu"))
 
 
 def sliding_window_logits(
@@ -59,10 +62,11 @@ class Ensemble:
     sw_overlap: float
     record: dict[str, Any]
     keep_largest_component: bool = False
+    hardware: Hardware = CPU
 
     @classmethod
-    def load(cls, model_dir: Path, folds: list[int] | None = None) -> Ensemble:
-        """Load ``model.json`` and the fold weights it lists (all, or ``folds``).
+    def load(cls, model_dir: Path, folds: list[int] | None = None, hardware: Hardware = CPU) -> Ensemble:
+        """Load ``model.json`` and the fold weights it lists (all, or ``folds``), onto ``hardware``'s device.
 
         Raises:
             FedsegError: missing/invalid model.json, no trained fold, weights that do not fit.
@@ -83,7 +87,7 @@ class Ensemble:
                 model.load_state_dict(weights)
             except RuntimeError as exc:
                 raise FedsegError(f"{model_dir / entry['weights']}: weights do not fit {record['network']}") from exc
-            models.append(model.eval())
+            models.append(model.to(hardware.device).eval())
         inference = record["inference"]
         return cls(
             models,
@@ -93,17 +97,19 @@ class Ensemble:
             float(inference["sw_overlap"]),
             record,
             bool(inference.get("keep_largest_component", False)),
+            hardware,
         )
 
     @torch.no_grad()
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Mean foreground probability over the fold models, on the prepared grid of ``image``."""
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        total = np.zeros(image.shape, dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.hardware.device)
+        total = torch.zeros(image.shape, dtype=torch.float32, device=self.hardware.device)
         for model in self.models:
-            logits = sliding_window_logits(model, tensor, self.patch, self.sw_batch_size, self.sw_overlap)
-            total += torch.softmax(logits, dim=1)[0, 1].numpy()
-        return total / len(self.models)
+            with self.hardware.autocast():
+                logits = sliding_window_logits(model, tensor, self.patch, self.sw_batch_size, self.sw_overlap)
+            total += torch.softmax(logits.float(), dim=1)[0, 1]
+        return (total / len(self.models)).cpu().numpy()
 
     def predict_prepared(self, image: Volume, original_affine: np.ndarray, original_shape: tuple[int, int, int]) -> np.ndarray:
         """Mask (uint8) on the original grid for an already prepared image."""

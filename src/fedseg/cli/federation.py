@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.console import console
+from fedseg.cli.models import DEVICE_HELP, GPUS_HELP, PROCESSES_HELP
 
 
 def provision(
@@ -168,18 +169,6 @@ def _print_evaluation(record: dict) -> None:
     console.print(table)
 
 
-class _FedProxTrainer:
-    """A LocalTrainer whose FedProx anchor is set to each round's global weights before the epoch."""
-
-    def __init__(self, trainer, loss) -> None:
-        self.trainer, self.loss = trainer, loss
-
-    def run_epoch(self, weights=None):
-        if weights is not None:
-            self.loss.set_anchor(weights)
-        return self.trainer.run_epoch(weights)
-
-
 def client(
     kit: Path = typer.Option(..., help=KIT_HELP),
     data: Path = typer.Option(..., help="This site's folder (raw, or prepared by 'fedseg data prepare')."),
@@ -192,9 +181,13 @@ def client(
     retries: int = typer.Option(10, min=0, help="Failed reconnections allowed in a row (delay 2 s, doubling up to 30 s)."),
     models: Path | None = typer.Option(None, "--models", help="Where the final and best models received at the end are kept (default: KIT/models)."),
     share_case_names: bool = typer.Option(False, "--share-case-names", help="Send case names with the test Dice (default: case-001, case-002, ...)."),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+    gpus: int | None = typer.Option(None, min=1, help=GPUS_HELP),
+    processes: int | None = typer.Option(None, min=1, help=PROCESSES_HELP),
 ) -> None:
     """Take part in a federated study: train on this site every round; only weights and scores leave."""
     import asyncio
+    from dataclasses import asdict
 
     from fedseg.cli.models import _resolve
     from fedseg.errors import FedsegError
@@ -204,8 +197,8 @@ def client(
     from fedseg.federation.study import load_study_config
     from fedseg.models import build_model
     from fedseg.training.data import SiteData
-    from fedseg.training.engine import LocalTrainer, soft_dice_loss
-    from fedseg.training.fedprox import FedProxLoss
+    from fedseg.training.distributed import place_training
+    from fedseg.training.engine import LocalTrainer, training_loss
     from fedseg.training.fit import fold_training_set
 
     _logging()
@@ -215,22 +208,28 @@ def client(
     study = load_study_config(config)
     train = study.train if threads is None else study.train.replace(threads=threads)
     _threads(train.threads)
+    placement = place_training(train, device, gpus, processes)
+    train = placement.config
     site = _resolve(data, study.prepare, cache)
     site.require_splits().fold(fold)
     training = fold_training_set(site, SiteData(site, train.patch), fold)
-    loss = FedProxLoss(soft_dice_loss(), study.federation.fedprox_mu) if study.federation.fedprox_mu > 0 else None
-    trainer = LocalTrainer(build_model(train.network, seed=train.seed), training.train, training.val, train, loss=loss)
-    participant = trainer if loss is None else _FedProxTrainer(trainer, loss)
     audit = audit_log if audit_log is not None else site_kit.directory / "audit.jsonl"
     models_dir = models if models is not None else site_kit.directory / "models"
     outputs = SiteOutputs(models_dir, site, fold, train, study.prepare, str(site_kit.study.get("study", "")))
-    asyncio.run(
-        run_client(
-            site_kit, participant, server_url=server_url, audit_log=audit, retries=retries,  # type: ignore[arg-type]
-            on_model=outputs.on_model, evaluate=outputs.evaluate, share_case_names=share_case_names,
-            settings=study.site_settings(fold),
+    mu = study.federation.fedprox_mu
+    console.print(f"site {site_kit.name} trains on {placement.describe()}")
+    with placement.group([str(site.prepared)], fold, asdict(study.prepare), str(cache), mu) as parallel:
+        trainer = LocalTrainer(
+            build_model(train.network, seed=train.seed), training.train, training.val, train,
+            loss=training_loss(mu, parallel), parallel=parallel,
         )
-    )
+        asyncio.run(
+            run_client(
+                site_kit, trainer, server_url=server_url, audit_log=audit, retries=retries,
+                on_model=outputs.on_model, evaluate=outputs.evaluate, share_case_names=share_case_names,
+                settings=study.site_settings(fold),
+            )
+        )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "
                   f"({len(training.train)} train / {len(training.val)} val cases); final and best models in "
                   f"{models_dir}; audit log {audit}")
@@ -246,6 +245,7 @@ def federate(
     cache: Path = typer.Option(Path.home() / ".cache" / "fedseg", help="Folder for preprocessed copies of the sites."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch in each process."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: finished folds are kept, an interrupted one resumes after its last completed round."),
+    device: str | None = typer.Option(None, help=DEVICE_HELP + " For every site process."),
 ) -> None:
     """Local mode: the server and one client per site as processes on 127.0.0.1 with real mutual TLS."""
     from rich.table import Table
@@ -263,6 +263,11 @@ def federate(
         study = type(study)(study.federation.replace(rounds=rounds), study.train, study.prepare)
     if threads is not None:
         study = type(study)(study.federation, study.train.replace(threads=threads), study.prepare)
+    if device is not None:
+        from fedseg.training.device import resolve_hardware
+
+        resolve_hardware(device, study.train.amp)  # one clear error here rather than one per site process
+        study = type(study)(study.federation, study.train.replace(device=device), study.prepare)
     if all_folds:
         # prepare here (once, with progress) so the folds are known; clients reuse the cache
         n_folds = min(len(_resolve(d, study.prepare, cache).require_splits().folds) for d in site_dirs)
@@ -271,6 +276,7 @@ def federate(
         folds = [fold or 0]
     results = run_local(
         site_dirs, out, study, folds=folds, rounds=rounds, config_file=config, cache=cache, threads=threads, resume=resume,
+        device=device,
         on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
     )
     summary = Table("fold", "rounds", "best round", "best aggregated val Dice", "minutes", title=f"federated → {out / 'model'}")

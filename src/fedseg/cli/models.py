@@ -19,6 +19,9 @@ from fedseg.errors import DataError, FedsegError
 DEFAULT_CACHE = Path.home() / ".cache" / "fedseg"
 
 CACHE_HELP = "Folder for preprocessed copies of the site (never inside the site folder)."
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (default: the config's, auto)."
+GPUS_HELP = "Train on N GPUs of this machine together: one process per GPU, torch DDP over NCCL."
+PROCESSES_HELP = "Train in N CPU processes together (DDP over gloo), e.g. on a many-core site machine."
 
 
 def _threads(threads: int | None) -> None:
@@ -52,10 +55,16 @@ def train(
     cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch (default: all cores)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log metrics for TensorBoard."),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+    gpus: int | None = typer.Option(None, min=1, help=GPUS_HELP),
+    processes: int | None = typer.Option(None, min=1, help=PROCESSES_HELP),
 ) -> None:
     """Train a private model on one site: one fold, or the five-fold ensemble (resumes if interrupted)."""
+    from dataclasses import asdict
+
     from fedseg.federation.study import load_study_config
     from fedseg.training.data import SiteData
+    from fedseg.training.distributed import place_training
     from fedseg.training.fit import fold_training_set, model_record, open_model_dir, record_fold, train_fold
 
     if fold is not None and all_folds:
@@ -63,6 +72,8 @@ def train(
     study = load_study_config(config)  # the same TOML as a federated study: [train] and [prepare] apply
     overrides = {"epochs": epochs, "network": network, "seed": seed, "threads": threads}
     train_config = study.train.replace(**{k: v for k, v in overrides.items() if v is not None})
+    placement = place_training(train_config, device, gpus, processes)  # a device this machine lacks fails here, first
+    train_config = placement.config
     prepare = study.prepare if spacing is None else dataclasses.replace(study.prepare, spacing_mm=spacing)
     site = _resolve(site_dir, prepare, cache)
     splits = site.require_splits()
@@ -70,23 +81,42 @@ def train(
     splits.fold(folds[0])  # clear error for a fold that does not exist
     open_model_dir(out, model_record(train_config, prepare, [{"site": site.name, "source": str(site.source)}]))
     data = SiteData(site, train_config.patch)
+    console.print(f"training on {placement.describe()}")
     summary = Table("fold", "best val Dice", "best epoch", "epochs", "minutes", title=f"{site.name} → {out}")
     for k in folds:
         training = fold_training_set(site, data, k)
-        with progress_bar(f"fold {k}", train_config.epochs) as advance:
+        with (
+            placement.group([str(site.prepared)], k, asdict(prepare), str(cache)) as parallel,
+            progress_bar(f"fold {k}", train_config.epochs) as advance,
+        ):
             outcome = train_fold(
                 training,
                 out / f"fold{k}",
                 train_config,
                 fold=k,
-                on_epoch=lambda r: advance(f"val Dice {r.val_dice:.3f} lr {r.learning_rate:.1e}"),
+                on_epoch=lambda r: advance(_epoch_label(r)),
                 tensorboard=tensorboard,
+                parallel=parallel,
             )
         if outcome.resumed_from:
             console.print(f"fold {k}: resumed after epoch {outcome.resumed_from}")
         record_fold(out, outcome)
         summary.add_row(str(k), f"{outcome.best_val_dice:.3f}", str(outcome.best_epoch), str(outcome.epochs), f"{outcome.seconds / 60:.1f}")
     console.print(summary)
+
+
+def _epoch_label(result) -> str:
+    dice = f"val Dice {result.val_dice:.3f}" if result.validated else "not validated"
+    return f"{dice} lr {result.learning_rate:.1e}"
+
+
+def _inference_hardware(device: str | None):
+    """Hardware for predict/evaluate: --device, else auto; AMP on CUDA as in training."""
+    from fedseg.training.device import resolve_hardware
+
+    hardware = resolve_hardware(device or "auto", None)
+    console.print(f"[dim]computing on {hardware.describe()}[/]")
+    return hardware
 
 
 def _input_images(images: Path) -> list[Path]:
@@ -105,12 +135,13 @@ def predict(
     out_dir: Path = typer.Argument(..., help="Where to write one mask per image."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
     overwrite: bool = typer.Option(False, help="Replace existing masks in OUT_DIR."),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Segment images: each mask is written on the input's ORIGINAL grid (ensemble mean of the folds)."""
     from fedseg.inference import Ensemble
 
     _threads(threads)
-    ensemble = Ensemble.load(model_dir)
+    ensemble = Ensemble.load(model_dir, hardware=_inference_hardware(device))
     files = _input_images(images)
     failures = []
     with progress_bar("predicting", len(files)) as advance:
@@ -138,6 +169,7 @@ def evaluate(
     name: str | None = typer.Option(None, help="Model name stored in the JSON (default: the folder name)."),
     cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Dice per case on the original grid, and mean ± SD."""
     from fedseg.evaluation.dice import format_mean_sd, summarize
@@ -147,7 +179,7 @@ def evaluate(
     if split not in ("test", "all"):
         raise FedsegError(f"--split must be 'test' or 'all', got {split!r}")
     _threads(threads)
-    ensemble = Ensemble.load(model_dir)
+    ensemble = Ensemble.load(model_dir, hardware=_inference_hardware(device))
     site = _resolve(site_dir, ensemble.prepare, cache)
     with progress_bar(f"evaluating on {site.name}", len(cases_of(site, split))) as advance:  # type: ignore[arg-type]
         scores = evaluate_site(ensemble, site, split, on_case=lambda c, d: advance(f"{c} {d:.3f}"))  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ def study(
     external: Path | None = typer.Option(None, help="External test set folder (with --sites)."),
     config: Path | None = typer.Option(None, help="study.toml overriding the profile: tables study, federation, train, prepare."),
     steps: str = typer.Option(",".join(("data", "prepare", "train", "federate", "evaluate", "report")), help="Steps to run, in order."),
+    device: str | None = typer.Option(None, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps, for every training and evaluation process (default: the profile's, auto)."),
 ) -> None:
     """Reproduce the paper: private, federated and pooled five-fold ensembles, cross-site tables, a report."""
     from rich.markup import escape
@@ -34,6 +35,7 @@ def study(
     if external is not None and not site_dirs:
         raise FedsegError("--external goes with --sites (the synthetic study makes its own external set)")
     settings = load_settings(profile, config)
+    settings = settings.on_device(device or settings.study.train.device)
     for line in settings.describe(synthetic=not site_dirs):
         console.print(f"[dim]{escape(line)}[/]")
     run = StudyRun(out, settings, StudySources(tuple(site_dirs or ()), external), say=lambda text: console.print(escape(text)))

@@ -175,10 +175,14 @@ async def _send(ws: ClientConnection, message: Message) -> int:
 
 
 def _local_epochs(trainer: LocalTrainer, weights: dict[str, torch.Tensor], epochs: int) -> EpochResult:
-    """``epochs`` epochs from the global ``weights``; the last epoch's result is the update."""
-    result = trainer.run_epoch(weights)
-    for _ in range(epochs - 1):
-        result = trainer.run_epoch()
+    """``epochs`` epochs from the global ``weights``; the last epoch's result is the update.
+
+    The last local epoch is always validated (the update carries its Dice);
+    the others as the trainer's ``val_every`` says.
+    """
+    for index in range(epochs):
+        last = index == epochs - 1
+        result = trainer.run_epoch(weights if index == 0 else None, validate=True if last else None)
     return result
 
 

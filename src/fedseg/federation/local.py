@@ -35,7 +35,9 @@ from fedseg.errors import FedsegError
 from fedseg.federation.provision import load_kit, provision_study, validate_site_names
 from fedseg.federation.rundir import RunDir
 from fedseg.federation.study import StudyConfig
+from fedseg.pipes import free_port
 from fedseg.training.checkpoint import save_weights, write_json
+from fedseg.training.device import resolve_hardware
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 
 __all__ = ["FoldRun", "fedseg_command", "free_port", "run_local", "site_names", "write_fl_model"]
@@ -80,12 +82,6 @@ def site_names(site_dirs: Sequence[Path]) -> list[str]:
         return validate_site_names(names)
     except FedsegError as exc:
         raise FedsegError(f"site folder names must be usable as site names: {exc}") from exc
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -164,6 +160,7 @@ def run_fold(
     cache: Path,
     threads: int | None,
     on_exit: Callable[[str, int], None] | None = None,
+    device: str | None = None,
 ) -> FoldRun:
     """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails."""
     start = time.perf_counter()
@@ -191,6 +188,7 @@ def run_fold(
                 "client", "--kit", kits / name, "--data", site_dir, "--cache", cache,
                 "--audit-log", audit / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}",
                 "--models", out / "sites" / name, "--share-case-names", *common,  # all on this machine
+                *(["--device", device] if device is not None else []),
             ]
             processes.start(f"client {name}", fedseg_command(*client_args), logs / f"{name}.log")
         _wait_listening(port, server, logs / "server.log", SERVER_START_TIMEOUT_S)
@@ -227,7 +225,8 @@ def write_fl_model(model_dir: Path, study: StudyConfig, site_dirs: Sequence[Path
         model_dir / f"fold{run.fold}" / "best.json",
         {"source": str(best), "round": run.best_round, "aggregated_val_dice": run.best_dice, "rounds": run.rounds},
     )
-    record_fold(model_dir, FoldOutcome(run.fold, run.best_dice, run.best_round + 1, run.rounds, run.seconds, 0))
+    hardware = {**resolve_hardware(study.train.device, study.train.amp).record(), "processes": 1, "where": "every site process"}
+    record_fold(model_dir, FoldOutcome(run.fold, run.best_dice, run.best_round + 1, run.rounds, run.seconds, 0, hardware))
 
 
 def run_local(
@@ -242,12 +241,14 @@ def run_local(
     threads: int | None = None,
     on_exit: Callable[[str, int], None] | None = None,
     resume: bool = False,
+    device: str | None = None,
 ) -> list[FoldRun]:
     """Provision throw-away kits, run each fold's study in turn, write ``out/model``.
 
     With ``resume``, an earlier run in ``out`` continues: its kits are reused,
     finished folds are kept, an interrupted fold's server resumes after its
     last completed round (the clients start their local state afresh).
+    ``device`` is given to every site process (else each uses the config's).
 
     Raises:
         FedsegError: clashing or invalid site names, ``out`` not empty, a
@@ -270,7 +271,10 @@ def run_local(
             state = finished.state()
             run = FoldRun(fold, finished.root, int(state["completed_rounds"]), int(state["best_round"]), float(state["best_dice"]), 0.0)
         else:
-            run = run_fold(site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads, on_exit=on_exit)
+            run = run_fold(
+                site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,
+                on_exit=on_exit, device=device,
+            )
         write_fl_model(out / "model", study, site_dirs, names, run)
         results.append(run)
     return results

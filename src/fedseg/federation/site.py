@@ -29,6 +29,7 @@ from fedseg.models import build_model
 from fedseg.training.checkpoint import save_weights, write_json
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import PreparedSite
+from fedseg.training.device import resolve_hardware
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 
 __all__ = ["SiteOutputs"]
@@ -66,13 +67,14 @@ class SiteOutputs:
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
         """Per-case Dice of ``weights`` on this site's held-out test cases, on their original grids."""
+        hardware = resolve_hardware(self.train.device, self.train.amp)
         model = build_model(self.train.network)
         model.load_state_dict({key: torch.from_numpy(np.array(array, copy=True)) for key, array in weights.items()})
         record = self._record("final")
         inference = record["inference"]
         ensemble = Ensemble(
-            [model.eval()], self.prepare, self.train.patch, self.train.sw_batch_size, self.train.sw_overlap, record,
-            inference["keep_largest_component"],
+            [model.to(hardware.device).eval()], self.prepare, self.train.patch, self.train.sw_batch_size,
+            self.train.sw_overlap, record, inference["keep_largest_component"], hardware,
         )
         scores = evaluate_site(ensemble, self.site, "test")
         write_json(

@@ -145,8 +145,8 @@ class StudyConfig:
         return "\n".join(f"[{name}]\n" + _toml_lines(values) for name, values in tables)
 
     def site_settings(self, fold: int) -> dict[str, Any]:
-        """What every site must share with the server (sent in WELCOME; threads are each machine's own)."""
-        train = {key: value for key, value in self.train.to_dict().items() if key != "threads"}
+        """What every site must share with the server (sent in WELCOME; threads, device and the like are each machine's own)."""
+        train = self.train.without_machine_options()
         return {"fold": fold, "fedprox_mu": self.federation.fedprox_mu, "train": train, "prepare": asdict(self.prepare)}
 
 

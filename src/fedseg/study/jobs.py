@@ -21,22 +21,10 @@ import torch
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.training.config import TrainConfig
 from fedseg.training.checkpoint import dumps_json, loads_json
-from fedseg.training.data import PreparedSite, SiteData, resolve_site
-from fedseg.training.fit import TrainingSet, fold_training_set, train_fold
+from fedseg.training.data import PreparedSite, resolve_site
+from fedseg.training.fit import train_fold, training_set
 
-__all__ = ["JOBS", "evaluate_job", "pooled_training_set", "synth_job", "train_job"]
-
-
-def pooled_training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, int]) -> TrainingSet:
-    """Fold ``fold`` of every site put together: the centralised model's data."""
-    parts = [fold_training_set(site, SiteData(site, patch), fold) for site in sites]
-    return TrainingSet(
-        "+".join(part.name for part in parts),
-        [case for part in parts for case in part.train],
-        [case for part in parts for case in part.val],
-        "+".join(part.fingerprint for part in parts),
-        [source for part in parts for source in part.sources],
-    )
+__all__ = ["JOBS", "evaluate_job", "synth_job", "train_job"]
 
 
 def _sites(spec: dict[str, Any]) -> tuple[list[PreparedSite], PrepareConfig]:
@@ -56,10 +44,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     sites, _ = _sites(spec)
     fold = int(spec["fold"])
-    if len(sites) == 1:
-        training = fold_training_set(sites[0], SiteData(sites[0], config.patch), fold)
-    else:
-        training = pooled_training_set(sites, fold, config.patch)
+    training = training_set(sites, fold, config.patch)
     outcome = train_fold(training, Path(spec["model_dir"]) / f"fold{fold}", config, fold=fold)
     return {"model": spec["model"], **asdict(outcome)}
 
@@ -72,11 +57,13 @@ def evaluate_job(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from fedseg.evaluation.evaluate import evaluate_site
     from fedseg.inference import Ensemble
+    from fedseg.training.device import resolve_hardware
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     prepare = PrepareConfig(**spec["prepare"])
-    ensemble = Ensemble.load(Path(spec["model_dir"]))
+    hardware = resolve_hardware(spec.get("device", "cpu"), spec.get("amp"))
+    ensemble = Ensemble.load(Path(spec["model_dir"]), hardware=hardware)
     dice = {}
     for name, (site_dir, split) in spec["test_sets"].items():
         site = resolve_site(Path(site_dir), prepare, Path(spec["cache"]))

@@ -20,6 +20,7 @@ from fedseg.evaluation.dice import dice_coefficient
 from fedseg.federation.rundir import RunDir
 from fedseg.inference import Ensemble
 from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
+from fedseg.training.checkpoint import read_json
 
 if TYPE_CHECKING:
     from fedseg.study.pipeline import StudyRun
@@ -117,7 +118,10 @@ def write_study_report(run: StudyRun) -> None:
     paths = write_report(
         run.out,
         title="fedseg study: federated vs private vs pooled prostate segmentation",
-        settings=[*run.settings.describe(run.sources.synthetic), f"{record['folds']} folds per ensemble", *_sources(run)],
+        settings=[
+            *run.settings.describe(run.sources.synthetic), f"{record['folds']} folds per ensemble", *_sources(run),
+            *hardware_lines(run),
+        ],
         dice=dice,
         private_sets=private,
         external_sets=external,
@@ -128,6 +132,22 @@ def write_study_report(run: StudyRun) -> None:
     )
     run.say(tables_text(dice, private, external, reference="fl"))
     run.say(f"report: {paths['markdown']} and {paths['html']}; every number in {results}")
+
+
+def hardware_lines(run: StudyRun) -> list[str]:
+    """What each model's folds were actually trained on, as model.json recorded it."""
+    lines = []
+    for model in run.models:
+        path = run.model_dir(model) / "model.json"
+        folds = read_json(path)["folds"] if path.is_file() else []
+        used = sorted({
+            f"{entry['trained_with']['description']}"
+            + (f", {entry['trained_with']['processes']} processes" if entry["trained_with"].get("processes", 1) > 1 else "")
+            for entry in folds if "trained_with" in entry
+        })
+        if used:
+            lines.append(f"{model} trained on: {'; '.join(used)}")
+    return lines
 
 
 def _sources(run: StudyRun) -> list[str]:

@@ -41,6 +41,7 @@ from fedseg.federation.study import settings_differences
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
+from fedseg.training.config import MACHINE_OPTIONS
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 
@@ -108,9 +109,7 @@ class StudyRun:
         self.check_sources()
         path = self.out / "settings.json"
         if path.is_file():
-            earlier = read_json(path)
-            earlier.pop("fedseg_version", None)
-            now = {k: v for k, v in self.record.items() if k != "fedseg_version"}
+            earlier, now = _comparable(read_json(path)), _comparable(self.record)
             differences = settings_differences(now, earlier, common_only=True)
             if differences:
                 shown = "; ".join(d.replace("on the server", "in the earlier run") for d in differences[:6])
@@ -319,6 +318,7 @@ class StudyRun:
                 "model": model, "model_dir": str(self.model_dir(model)), "test_sets": sets,
                 "cache": str(self.out / "cache"), "prepare": asdict(self.settings.study.prepare),
                 "threads": self.settings.study.train.threads,
+                "device": self.settings.study.train.device, "amp": self.settings.study.train.amp,
             })
         if not specs:
             self.say("evaluate: every model already evaluated (skipped)")
@@ -343,6 +343,12 @@ class StudyRun:
 
         self._sites_ready()
         write_study_report(self)
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """A settings record less what may change between runs of one study: version, threads, device and the like."""
+    train = {k: v for k, v in record.get("train", {}).items() if k not in MACHINE_OPTIONS}
+    return {**{k: v for k, v in record.items() if k != "fedseg_version"}, "train": train}
 
 
 def results_record(run: StudyRun) -> dict[str, Any]:

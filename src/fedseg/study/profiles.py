@@ -34,6 +34,7 @@ from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.federation.study import FederationConfig, StudyConfig, read_toml
 from fedseg.training.config import TrainConfig
+from fedseg.training.device import resolve_hardware
 
 __all__ = ["PROFILES", "Settings", "StudyPlan", "load_settings"]
 
@@ -97,8 +98,22 @@ class Settings:
             + (f"p = {train.augment.elastic_prob:g}" if train.augment.elastic_prob > 0 else "off"),
             f"private and pooled models: {train.epochs} epochs per fold; FL: {federation.rounds} rounds of one "
             f"local epoch, aggregator {federation.aggregator}",
-            f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each",
+            f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each, "
+            f"on {resolve_hardware(train.device, train.amp).describe(threads=False)}",
         ]
+
+    def on_device(self, device: str) -> Settings:
+        """These settings with every training and evaluation process on ``device``, resolved here.
+
+        ``auto`` becomes the device it means on this machine, so that the
+        worker and site processes use, and the report names, the same one.
+
+        Raises:
+            FedsegError: a device this machine does not have.
+        """
+        hardware = resolve_hardware(device, self.study.train.amp)
+        train = self.study.train.replace(device=str(hardware.device))
+        return dataclasses.replace(self, study=dataclasses.replace(self.study, train=train))
 
     def to_dict(self) -> dict[str, Any]:
         return {

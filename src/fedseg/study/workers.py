@@ -13,61 +13,41 @@ The first failure stops the others and raises with the job's traceback.
 from __future__ import annotations
 
 import queue
-import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
-from fedseg.training.checkpoint import dumps_json, loads_json
+from fedseg.pipes import STOP_TIMEOUT_S, JsonLinesChild
+from fedseg.training.checkpoint import loads_json
 
 __all__ = ["run_jobs"]
 
 LOG_TAIL_LINES = 25
-STOP_TIMEOUT_S = 10.0
 
 
-class _Worker:
-    """One ``--serve`` process and the thread that turns its stdout lines into replies."""
+class _Worker(JsonLinesChild):
+    """One ``--serve`` process; its replies go to the pool's shared queue."""
 
     def __init__(self, log: Path, replies: queue.Queue) -> None:
         self.log = log
         self.job_index: int | None = None
         with log.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fedseg.study.jobs", "--serve"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
-            )
-        threading.Thread(target=self._read, args=(replies,), daemon=True).start()
-
-    def _read(self, replies: queue.Queue) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            replies.put((self, line))
-        replies.put((self, None))  # end of output: the process has ended
+            super().__init__([sys.executable, "-m", "fedseg.study.jobs", "--serve"], stderr=err, replies=replies)
 
     def submit(self, job: str, index: int, spec: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
         self.job_index = index
-        self.process.stdin.write(dumps_json({"job": job, "spec": spec}) + "\n")
-        self.process.stdin.flush()
+        self.send({"job": job, "spec": spec})
 
     def log_tail(self) -> str:
         lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"    {line}" for line in lines) or "    (no output)"
 
-    def stop(self) -> None:
-        """Close stdin (the worker exits when idle); kill it if it does not."""
-        try:
-            if self.process.stdin is not None:
-                self.process.stdin.close()
-            self.process.wait(timeout=STOP_TIMEOUT_S if self.job_index is None else 0.1)
-        except (OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """An idle worker gets time to exit; one still busy with a job is killed at once."""
+        return super().stop(timeout_s if self.job_index is None else 0.1)
 
 
 def run_jobs(job: str, specs: list[dict[str, Any]], workers: int, work_dir: Path) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Any
 from fedseg.errors import FedsegError
 from fedseg.models import check_patch, network_spec
 from fedseg.training.augment import AugmentConfig
+
+AUGMENT_ENGINES = ("batched", "monai")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MACHINE_OPTIONS = ("threads", "device", "amp", "channels_last", "loader_workers")
+"""Options that say how this machine computes, not what: never compared across machines or on resume."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,23 @@ class TrainConfig:
         seed: initialisation, crop and augmentation randomness.
         threads: torch intra-op threads (None = all cores).
         augment: the BigAug stack.
+        augment_engine: ``batched`` (the whole batch at once, with tensor ops on
+            the training device) or ``monai`` (MONAI's per-patch dictionary
+            transforms on the CPU: fedseg's engine before 0.2, kept for comparison).
+        val_every: validate every k epochs (and after the last); the paper: 1.
+            The learning-rate schedule counts validations, not epochs.
+        device: ``auto`` (CUDA when available, else the CPU), ``cpu``,
+            ``cuda``, ``cuda:N`` or ``mps``.
+        amp: mixed precision (bf16 where the GPU has it, else fp16 with a
+            gradient scaler); None = on for CUDA, off elsewhere.
+        channels_last: keep 3-D activations channels-last (faster convolutions
+            on CPUs and tensor cores; same results up to rounding).
+        loader_workers: processes cutting patches for the GPU; None = none on
+            a CPU (measured faster on 2 cores), a few per GPU on CUDA.
+
+    ``threads``, ``device``, ``amp``, ``channels_last`` and ``loader_workers``
+    are :data:`MACHINE_OPTIONS`: each machine picks its own, so they are
+    not compared when resuming or between the sites of a study.
     """
 
     network: str = "unet-small"
@@ -53,9 +76,16 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_engine: str = "batched"
+    val_every: int = 1
+    device: str = "auto"
+    amp: bool | None = None
+    channels_last: bool = True
+    loader_workers: int | None = None
 
     def __post_init__(self) -> None:
         network_spec(self.network)
+        self._check_engine_options()
         if self.patch_size is not None:
             object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
             check_patch(self.network, self.patch)
@@ -64,6 +94,24 @@ class TrainConfig:
                 raise FedsegError(f"training option {name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise FedsegError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    def _check_engine_options(self) -> None:
+        if self.augment_engine not in AUGMENT_ENGINES:
+            raise FedsegError(f"train.augment_engine must be one of {', '.join(AUGMENT_ENGINES)}, got {self.augment_engine!r}")
+        if type(self.val_every) is not int or self.val_every < 1:
+            raise FedsegError(f"train.val_every must be an integer >= 1, got {self.val_every!r}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise FedsegError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            raise FedsegError(f"train.amp must be true or false, got {self.amp!r}")
+        if not isinstance(self.channels_last, bool):
+            raise FedsegError(f"train.channels_last must be true or false, got {self.channels_last!r}")
+        if self.loader_workers is not None and (type(self.loader_workers) is not int or self.loader_workers < 0):
+            raise FedsegError(f"train.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+
+    def without_machine_options(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the options each machine chooses for itself."""
+        return {k: v for k, v in self.to_dict().items() if k not in MACHINE_OPTIONS}
 
     @property
     def patch(self) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedseg.errors import FedsegError
-from fedseg.training.engine import LossFn
+from fedseg.training.losses import LossFn
 
 
 class FedProxLoss:
@@ -27,17 +27,18 @@ class FedProxLoss:
         self._anchor: dict[str, torch.Tensor] = {}
 
     def set_anchor(self, weights: dict[str, torch.Tensor]) -> None:
-        """Remember the round's global weights (detached copies)."""
+        """Remember the round's global weights (detached copies, on the weights' own device)."""
         self._anchor = {name: tensor.detach().clone() for name, tensor in weights.items()}
 
     def proximal_term(self, model: nn.Module) -> torch.Tensor:
         """``mu / 2 * ||w - w_anchor||^2`` (a zero tensor when mu is 0)."""
-        total = torch.zeros(())
+        parameters = list(model.named_parameters())
+        total = torch.zeros((), device=parameters[0][1].device if parameters else None)
         if self.mu == 0:
             return total
         if not self._anchor:
             raise FedsegError("FedProx needs the round's global weights: call set_anchor() first")
-        for name, parameter in model.named_parameters():
+        for name, parameter in parameters:
             if parameter.requires_grad:
                 total = total + ((parameter - self._anchor[name].to(parameter.device)) ** 2).sum()
         return 0.5 * self.mu * total

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,12 +30,15 @@ from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
 from fedseg.training.checkpoint import MODEL_JSON, load_checkpoint, read_json, save_checkpoint, write_json
-from fedseg.training.config import TrainConfig
+from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import CaseArrays, PreparedSite, SiteData
 from fedseg.training.engine import EpochResult, LocalTrainer
 
+if TYPE_CHECKING:
+    from fedseg.training.distributed import DataParallel
+
 MODEL_FORMAT = 1
-METRIC_FIELDS = ("epoch", "train_loss", "val_dice", "learning_rate", "seconds")
+METRIC_FIELDS = ("epoch", "train_loss", "val_dice", "learning_rate", "seconds", "device")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class FoldOutcome:
     epochs: int
     seconds: float
     resumed_from: int  # 0 when started fresh
+    hardware: dict[str, Any] | None = None  # device, amp and processes that trained it (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,29 @@ class TrainingSet:
     sources: list[dict[str, str]]
 
 
-def fold_training_set(site: PreparedSite, data: SiteData, fold: int) -> TrainingSet:
-    """Training and validation cases of ``fold`` at one site."""
+def fold_training_set(site: PreparedSite, data: SiteData, fold: int, validation: bool = True) -> TrainingSet:
+    """Training and validation cases of ``fold`` at one site (``validation`` False: leave the latter unloaded)."""
     split = site.require_splits().fold(fold)
     return TrainingSet(
         site.name,
         data.cases(split.train),
-        data.cases(split.val),
+        data.cases(split.val) if validation else [],
         data.fingerprint(split.train + split.val),
         [{"site": site.name, "source": str(site.source)}],
+    )
+
+
+def training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, int], validation: bool = True) -> TrainingSet:
+    """Fold ``fold`` of one site, or of several put together (the pooled, centralised model's data)."""
+    parts = [fold_training_set(site, SiteData(site, patch), fold, validation) for site in sites]
+    if len(parts) == 1:
+        return parts[0]
+    return TrainingSet(
+        "+".join(part.name for part in parts),
+        [case for part in parts for case in part.train],
+        [case for part in parts for case in part.val],
+        "+".join(part.fingerprint for part in parts),
+        [source for part in parts for source in part.sources],
     )
 
 
@@ -93,12 +111,15 @@ class MetricsLog:
 
     def append(self, result: EpochResult) -> None:
         row = {name: getattr(result, name) for name in METRIC_FIELDS}
+        if not result.validated:
+            row["val_dice"] = None  # not validated this epoch (val_every): no number, not a NaN
         with self.jsonl.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self._rewrite_csv(self.rows())
         if self._writer is not None:
-            for name in METRIC_FIELDS[1:]:
-                self._writer.add_scalar(name, row[name], result.epoch)
+            for name in ("train_loss", "val_dice", "learning_rate", "seconds"):
+                if row[name] is not None:
+                    self._writer.add_scalar(name, row[name], result.epoch)
             self._writer.flush()
 
     def _rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
@@ -116,9 +137,17 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder / "tensorboard"))
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """Config fields that must match to resume (more epochs and other thread counts are fine)."""
-    return {k: v for k, v in config.items() if k not in ("epochs", "threads")}
+def config_differences(recorded: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Options that differ between a recorded run and ``config`` (resuming needs none).
+
+    More epochs are fine, and so are the machine options (another device or
+    thread count); an option the recorded run predates must have its default.
+    """
+    defaults, now = TrainConfig().to_dict(), config.to_dict()
+    return sorted(
+        key for key, value in now.items()
+        if key != "epochs" and key not in MACHINE_OPTIONS and recorded.get(key, defaults[key]) != value
+    )
 
 
 def _resume(trainer: LocalTrainer, fold_dir: Path, config: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
@@ -126,14 +155,27 @@ def _resume(trainer: LocalTrainer, fold_dir: Path, config: TrainConfig, fingerpr
     if not (fold_dir / "last.json").is_file():
         return None
     weights, sidecar, optimizer = load_checkpoint(fold_dir, "last")
-    if _comparable(sidecar["config"]) != _comparable(config.to_dict()):
-        raise FedsegError(f"{fold_dir}: holds a run with another configuration; train into a new --out folder")
+    if differences := config_differences(sidecar["config"], config):
+        raise FedsegError(
+            f"{fold_dir}: holds a run with another configuration ({', '.join(differences)}); train into a new --out folder"
+        )
     if sidecar["data_fingerprint"] != fingerprint:
         raise FedsegError(f"{fold_dir}: holds a run on other data (fingerprint differs); train into a new --out folder")
     if optimizer is None:
         raise FedsegError(f"{fold_dir}/last.json: no optimiser state; cannot resume")
-    trainer.restore(weights, optimizer, sidecar["scheduler"], sidecar["epoch"])
+    trainer.restore(weights, optimizer, sidecar["scheduler"], sidecar["epoch"], sidecar.get("grad_scaler"))
     return sidecar
+
+
+def validates(epoch: int, config: TrainConfig) -> bool:
+    """Whether epoch ``epoch`` (1-based) is validated: every ``val_every`` epochs, and always the last."""
+    return epoch % config.val_every == 0 or epoch >= config.epochs
+
+
+def hardware_record(trainer: LocalTrainer) -> dict[str, Any]:
+    """Device, precision and process count that trained a model (model.json, reports)."""
+    processes = trainer.parallel.world_size if trainer.parallel is not None else 1
+    return {**trainer.hardware.record(), "processes": processes}
 
 
 def train_fold(
@@ -144,13 +186,18 @@ def train_fold(
     fold: int = 0,
     on_epoch: Callable[[EpochResult], None] | None = None,
     tensorboard: bool = False,
+    parallel: DataParallel | None = None,
 ) -> FoldOutcome:
-    """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs."""
+    """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs.
+
+    With ``parallel`` (this process being rank 0), the group's processes
+    train every epoch together and this one validates and checkpoints.
+    """
     start = time.perf_counter()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    trainer = LocalTrainer(build_model(config.network, seed=config.seed), training.train, training.val, config)
+    trainer = LocalTrainer(build_model(config.network, seed=config.seed), training.train, training.val, config, parallel=parallel)
     previous = _resume(trainer, fold_dir, config, training.fingerprint)
     log = MetricsLog(fold_dir, tensorboard)
     log.truncate_after(trainer.epoch)  # rows written after the checkpoint (or before any) are stale
@@ -167,23 +214,29 @@ def train_fold(
         "val_cases": [c.case_id for c in training.val],
     }
     while trainer.epoch < config.epochs:
-        result = trainer.run_epoch()
+        result = trainer.run_epoch(validate=validates(trainer.epoch + 1, config))
         log.append(result)
         metrics = {"epoch": result.epoch, "val_dice": result.val_dice, "train_loss": result.train_loss}
         # without validation cases (NaN) the latest epoch is the best one known
-        if math.isnan(result.val_dice) or result.val_dice > best_dice:
+        if result.validated and (math.isnan(result.val_dice) or result.val_dice > best_dice):
             best_dice, best_epoch = result.val_dice, result.epoch
             save_checkpoint(fold_dir, "best", result.weights, {**sidecar_base, **metrics})
         save_checkpoint(
             fold_dir,
             "last",
             result.weights,
-            {**sidecar_base, **metrics, "best_val_dice": best_dice, "best_epoch": best_epoch, "scheduler": trainer.scheduler_state()},
+            {
+                **sidecar_base, **metrics, "best_val_dice": best_dice, "best_epoch": best_epoch,
+                "scheduler": trainer.scheduler_state(), "grad_scaler": trainer.scaler_state(),
+                "hardware": hardware_record(trainer),
+            },
             optimizer_state=trainer.optimizer.state_dict(),
         )
         if on_epoch is not None:
             on_epoch(result)
-    return FoldOutcome(fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from)
+    return FoldOutcome(
+        fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from, hardware_record(trainer)
+    )
 
 
 def model_record(config: TrainConfig, prepare: PrepareConfig, trained_on: list[dict[str, str]]) -> dict[str, Any]:
@@ -233,6 +286,7 @@ def record_fold(model_dir: Path, outcome: FoldOutcome) -> None:
             "best_val_dice": outcome.best_val_dice,
             "best_epoch": outcome.best_epoch,
             "epochs": outcome.epochs,
+            **({"trained_with": outcome.hardware} if outcome.hardware else {}),
         }
     )
     record["folds"] = sorted(folds, key=lambda f: f["fold"])
