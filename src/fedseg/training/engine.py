@@ -23,6 +23,7 @@ checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,9 @@ class LocalTrainer:
         if parallel is not None and parallel.world_size > 1:
             ids = [self.hardware.device.index] if self.hardware.is_cuda else None
             self.network = DistributedDataParallel(self.model, device_ids=ids)
+            # Weights with a size-1 axis (1x1x1 kernels, one input channel) are contiguous in both layouts; their
+            # gradients come back with the other layout's strides, a copy of a few bytes that DDP warns about.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.train_cases = train_cases
         self.val_cases = val_cases
         self.loss = loss or training_loss(0.0, parallel)
