@@ -58,14 +58,17 @@ from fedseg.training.engine import LocalTrainer
 from fedseg.training.losses import soft_dice_loss
 
 
-def phantom_cases(n: int, spacing: float, patch: tuple[int, int, int], site: str = "suny") -> list[CaseArrays]:
-    """``n`` phantom cases of ``site``, prepared in memory as training would see them."""
+def phantom_cases(
+    n: int, spacing: float, patch: tuple[int, int, int], sites: tuple[str, ...] = ("suny",), resolution_scale: float = 1.0
+) -> list[CaseArrays]:
+    """``n`` phantom cases (the ``sites`` in turn), prepared in memory as training would see them."""
     cases = []
     for index in range(n):
-        ph = render_case(get_profile(site), index, seed=0)
+        site = sites[index % len(sites)]
+        ph = render_case(get_profile(site), index // len(sites), seed=0, resolution_scale=resolution_scale)
         image, label = preprocess_case(Volume(ph.image, ph.affine), Volume(ph.label, ph.affine), PrepareConfig(spacing_mm=spacing))
         img = image.array[None].astype(np.float32)
-        cases.append(CaseArrays(f"c{index}", pad_to(img, patch, float(img.min())), pad_to(label.array[None].astype(np.float32), patch, 0.0), image.affine))
+        cases.append(CaseArrays(f"{site}{index}", pad_to(img, patch, float(img.min())), pad_to(label.array[None].astype(np.float32), patch, 0.0), image.affine))
     return cases
 
 

@@ -22,6 +22,7 @@ checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from contextlib import nullcontext
@@ -240,18 +241,24 @@ class LocalTrainer:
         """
         if not self.val_cases:
             return float("nan")
-        self.model.eval()
+        model = self._inference_model()
+        model.eval()
         scores = []
         for case in self.val_cases:
             image = torch.from_numpy(case.image)[None].to(self.hardware.device)
             with self.hardware.autocast():
-                logits = sliding_window_logits(
-                    self.model, image, self.config.patch, self.config.sw_batch_size, self.config.sw_overlap
-                )
-            prediction = logits.argmax(dim=1)[0].cpu().numpy() > 0
+                logits = sliding_window_logits(model, image, self.config.patch, self.config.sw_batch_size, self.config.sw_overlap)
+            prediction = (logits[0, 1] > logits[0, 0]).cpu().numpy()  # argmax of two classes, ties to background
             scores.append(dice_coefficient(prediction, case.label[0] > 0))
         self.model.train()
         return float(np.mean(scores))
+
+    def _inference_model(self) -> nn.Module:
+        """The model to validate: on a CPU a contiguous copy, since channels-last (transposed) convolutions
+        are slower there in inference (measured 20 % on the demo's validation), unlike in training."""
+        if self.hardware.device.type == "cpu" and self.memory_format == torch.channels_last_3d:
+            return copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
+        return self.model
 
     # ---------------------------------------------------------------- state
 
