@@ -227,7 +227,7 @@ def main() -> None:
         config = config.replace(network=args.network, patch_size=None)
     if args.quick:
         args.distinct, args.epoch_cases, args.timed_epochs, args.dice_budget_s = 2, 4, 1, 0.0
-        config = config.replace(batch_size=2, samples_per_volume=1, patch_size=(128, 128, 16) if config.network == "ahnet" else None)
+        config = config.replace(batch_size=2, samples_per_volume=1)
         spacing, scale = 3.0, 3.0
     device = torch.device(config.device)
     start = time.perf_counter()

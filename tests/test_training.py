@@ -331,3 +331,11 @@ def test_network_sizes_match_the_documentation(name, low, high):
     """`ahnet` is the paper's 38 M-parameter 3-D AH-Net; `unet-small` stays CPU-sized."""
     parameters = sum(p.numel() for p in build_model(name).parameters())
     assert low < parameters < high
+
+
+def test_ahnet_patch_depth_must_be_a_multiple_of_32():
+    """16 and 48 pass a 'multiple of 16' check but fail inside MONAI's AHNet: the check must refuse them."""
+    for depth in (16, 48):
+        with pytest.raises(FedsegError, match="multiple of"):
+            TrainConfig(network="ahnet", patch_size=(128, 128, depth))
+    TrainConfig(network="ahnet", patch_size=(128, 128, 64))

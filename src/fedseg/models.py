@@ -50,8 +50,9 @@ def _ahnet(in_channels: int, out_channels: int) -> nn.Module:
 NETWORKS: dict[str, NetworkSpec] = {
     "unet-small": NetworkSpec(_unet_small, (8, 8, 8), (64, 64, 32), "MONAI UNet 8-16-32-64, 0.15 M parameters"),
     "unet": NetworkSpec(_unet, (16, 16, 16), (96, 96, 48), "MONAI UNet 16-...-256, 4.8 M parameters"),
-    # AH-Net's pyramid pooling needs in-plane sizes that are multiples of 128.
-    "ahnet": NetworkSpec(_ahnet, (128, 128, 16), (128, 128, 32), "3-D AH-Net (MONAI AHNet), 38 M parameters"),
+    # AH-Net's pyramid pooling needs in-plane sizes that are multiples of 128, and its encoder
+    # depths that are multiples of 32 (16 and 48 fail inside the network).
+    "ahnet": NetworkSpec(_ahnet, (128, 128, 32), (128, 128, 32), "3-D AH-Net (MONAI AHNet), 38 M parameters"),
 }
 
 

@@ -125,6 +125,7 @@ class PatchDataset(Dataset):
         self.patch = tuple(patch)
 
     def __len__(self) -> int:
+        """Cases; the dataset is indexed by patch references, which the batch sampler hands out."""
         return len(self.images)
 
     def __getitem__(self, ref: PatchRef) -> tuple[np.ndarray, np.ndarray]:
