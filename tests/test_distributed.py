@@ -157,3 +157,36 @@ def test_two_gpus_train_as_one(site):
         together = LocalTrainer(build_model(config.network), training.train, training.val, config, parallel=group).run_epoch()
     assert together.train_loss == pytest.approx(alone.train_loss, abs=1e-4)
     assert share_equal(alone.weights, together.weights, atol=1e-4) > 0.99
+
+
+def test_federated_sites_training_in_two_processes_send_what_one_process_sends(tmp_path, run_cli):
+    """fedseg federate --processes 2: each client is rank 0 of a DDP pair and alone talks to the server.
+
+    One round, two sites: the aggregated global model agrees with the one-process run but for the few
+    Adam-sign values (see the first test), and the FL model records the processes.
+    """
+    from fedseg.cli.federation import register
+    from fedseg.cli.main import app
+
+    register(app)
+    sites = [write_site(tmp_path / name, n_cases=6, seed=10 * k) for k, name in enumerate(("site_a", "site_b"))]
+    study = tmp_path / "study.toml"
+    study.write_text(
+        "[federation]\nrounds = 1\nround_timeout_s = 120.0\ngrace_s = 5.0\nevaluate = false\n"
+        "[prepare]\nspacing_mm = 1.0\n"
+        "[train]\npatch_size = [16, 16, 8]\nbatch_size = 4\nsamples_per_volume = 2\nsw_batch_size = 2\nthreads = 1\n"
+    )
+    finals = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        extra = ["--processes", "2"] if processes == 2 else []
+        code, stdout, err = run_cli("federate", *sites, "--out", out, "--fold", "0", "--config", study,
+                                    "--cache", tmp_path / "cache", "--threads", "1", *extra)
+        assert code == 0, stdout + err
+        finals[processes] = load_file(str(out / "fold0" / "final.safetensors"))
+    assert share_equal(finals[1], finals[2]) > 0.99
+    initial = build_model("unet-small", seed=0).state_dict()
+    assert share_equal(finals[1], initial) < 0.5  # the round did train
+    record = json.loads((tmp_path / "run2" / "model" / "model.json").read_text())
+    assert record["folds"][0]["trained_with"]["processes"] == 2
+    assert "2 processes (DDP)" in (tmp_path / "run2" / "logs" / "fold0" / "site_a.log").read_text()

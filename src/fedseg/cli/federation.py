@@ -246,6 +246,7 @@ def federate(
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch in each process."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: finished folds are kept, an interrupted one resumes after its last completed round."),
     device: str | None = typer.Option(None, help=DEVICE_HELP + " For every site process."),
+    processes: int | None = typer.Option(None, min=1, help="Each site trains in N CPU processes (DDP over gloo)."),
 ) -> None:
     """Local mode: the server and one client per site as processes on 127.0.0.1 with real mutual TLS."""
     from rich.table import Table
@@ -276,7 +277,7 @@ def federate(
         folds = [fold or 0]
     results = run_local(
         site_dirs, out, study, folds=folds, rounds=rounds, config_file=config, cache=cache, threads=threads, resume=resume,
-        device=device,
+        device=device, site_processes=processes,
         on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
     )
     summary = Table("fold", "rounds", "best round", "best aggregated val Dice", "minutes", title=f"federated → {out / 'model'}")

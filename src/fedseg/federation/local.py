@@ -161,6 +161,7 @@ def run_fold(
     threads: int | None,
     on_exit: Callable[[str, int], None] | None = None,
     device: str | None = None,
+    site_processes: int | None = None,
 ) -> FoldRun:
     """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails."""
     start = time.perf_counter()
@@ -189,6 +190,7 @@ def run_fold(
                 "--audit-log", audit / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}",
                 "--models", out / "sites" / name, "--share-case-names", *common,  # all on this machine
                 *(["--device", device] if device is not None else []),
+                *(["--processes", str(site_processes)] if site_processes is not None else []),
             ]
             processes.start(f"client {name}", fedseg_command(*client_args), logs / f"{name}.log")
         _wait_listening(port, server, logs / "server.log", SERVER_START_TIMEOUT_S)
@@ -210,7 +212,10 @@ def run_fold(
     )
 
 
-def write_fl_model(model_dir: Path, study: StudyConfig, site_dirs: Sequence[Path], names: Sequence[str], run: FoldRun) -> None:
+def write_fl_model(
+    model_dir: Path, study: StudyConfig, site_dirs: Sequence[Path], names: Sequence[str], run: FoldRun,
+    site_processes: int | None = None,
+) -> None:
     """Add fold ``run.fold`` (its best global model) to the FL model directory ``model_dir``."""
     trained_on = [{"site": name, "source": str(Path(d).resolve())} for name, d in zip(names, site_dirs, strict=True)]
     record = model_record(study.train, study.prepare, trained_on)
@@ -225,7 +230,7 @@ def write_fl_model(model_dir: Path, study: StudyConfig, site_dirs: Sequence[Path
         model_dir / f"fold{run.fold}" / "best.json",
         {"source": str(best), "round": run.best_round, "aggregated_val_dice": run.best_dice, "rounds": run.rounds},
     )
-    hardware = {**resolve_hardware(study.train.device, study.train.amp).record(), "processes": 1, "where": "every site process"}
+    hardware = {**resolve_hardware(study.train.device, study.train.amp).record(), "processes": site_processes or 1, "where": "every site"}
     record_fold(model_dir, FoldOutcome(run.fold, run.best_dice, run.best_round + 1, run.rounds, run.seconds, 0, hardware))
 
 
@@ -242,13 +247,15 @@ def run_local(
     on_exit: Callable[[str, int], None] | None = None,
     resume: bool = False,
     device: str | None = None,
+    site_processes: int | None = None,
 ) -> list[FoldRun]:
     """Provision throw-away kits, run each fold's study in turn, write ``out/model``.
 
     With ``resume``, an earlier run in ``out`` continues: its kits are reused,
     finished folds are kept, an interrupted fold's server resumes after its
     last completed round (the clients start their local state afresh).
-    ``device`` is given to every site process (else each uses the config's).
+    ``device`` is given to every site process (else each uses the config's),
+    and so is ``site_processes`` (each site then trains in that many CPU processes, DDP).
 
     Raises:
         FedsegError: clashing or invalid site names, ``out`` not empty, a
@@ -273,9 +280,9 @@ def run_local(
         else:
             run = run_fold(
                 site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,
-                on_exit=on_exit, device=device,
+                on_exit=on_exit, device=device, site_processes=site_processes,
             )
-        write_fl_model(out / "model", study, site_dirs, names, run)
+        write_fl_model(out / "model", study, site_dirs, names, run, site_processes)
         results.append(run)
     return results
 

@@ -80,7 +80,8 @@ class BalancedCrops:
         self.samples = samples
         self.pos_ratio = pos_neg_ratio / (1.0 + pos_neg_ratio)
         self.shapes = [case.label.shape[1:] for case in cases]
-        self.masks = [case.label[0].reshape(-1) > 0 for case in cases]
+        self.labels = [(case.label > 0).astype(np.uint8) for case in cases]  # (1, X, Y, Z); also what the loader cuts
+        self.masks = [label.reshape(-1) for label in self.labels]  # flat views of the same bytes
         self.foreground = [np.flatnonzero(mask) for mask in self.masks]
 
     def _background_voxel(self, case: int, random: np.random.RandomState) -> int:
@@ -119,9 +120,10 @@ class BalancedCrops:
 class PatchDataset(Dataset):
     """``dataset[(case, corner)]`` -> (image patch float32, label patch uint8), each (1, *patch)."""
 
-    def __init__(self, cases: Sequence[CaseArrays], patch: Corner) -> None:
+    def __init__(self, cases: Sequence[CaseArrays], patch: Corner, labels: Sequence[np.ndarray] | None = None) -> None:
         self.images = [case.image for case in cases]
-        self.labels = [(case.label > 0).astype(np.uint8) for case in cases]  # a quarter of the bytes to move
+        # uint8 labels: a quarter of the bytes to move (``labels``: already made, e.g. by BalancedCrops)
+        self.labels = list(labels) if labels is not None else [(case.label > 0).astype(np.uint8) for case in cases]
         self.patch = tuple(patch)
 
     def __len__(self) -> int:

@@ -58,7 +58,8 @@ class BatchedPipeline:
         self.crops = BalancedCrops(cases, config.patch, config.samples_per_volume, config.pos_neg_ratio)
         self.sampler = PlanSampler()
         workers = loader_workers(config, device, shard.world_size)
-        self.loader = patch_loader(PatchDataset(cases, config.patch), self.sampler, workers, pin_memory=device.type == "cuda")
+        dataset = PatchDataset(cases, config.patch, labels=self.crops.labels)
+        self.loader = patch_loader(dataset, self.sampler, workers, pin_memory=device.type == "cuda")
         self.augment = batched_bigaug(config.augment)
 
     def random(self, epoch: int, batch: int, global_size: int) -> BatchRandom:
