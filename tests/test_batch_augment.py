@@ -97,6 +97,20 @@ def test_each_sample_is_chosen_with_the_transform_probability(prob):
     assert abs(share - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
 
 
+@pytest.mark.parametrize("index", range(8))
+def test_every_transform_of_the_stack_applies_with_its_own_probability(index):
+    """Each transform of batched_bigaug, at p = 0.3 and the others off, changes ~30 % of 1500 noise patches."""
+    probabilities = {name: 0.0 for name in AugmentConfig.__dataclass_fields__ if name.endswith("_prob")}
+    name = sorted(probabilities, key=list(AugmentConfig.__dataclass_fields__).index)[index]
+    stack = batched_bigaug(AugmentConfig(**{**probabilities, name: 0.3}))
+    n = 1500
+    image = torch.rand(n, 1, 8, 8, 6, generator=torch.Generator().manual_seed(index))
+    batch = {"image": image, "label": (image > 0.5).float()}
+    out = stack(dict(batch), random(40 + index, n))
+    share = float(((out["image"] - image).abs().flatten(1).amax(1) > 1e-4).float().mean())
+    assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n), (name, share)
+
+
 def test_parameters_stay_in_their_ranges():
     n = 2000
     zeros = {"image": torch.zeros(n, 1, 2, 2, 2), "label": torch.zeros(n, 1, 2, 2, 2)}
