@@ -189,4 +189,4 @@ def test_federated_sites_training_in_two_processes_send_what_one_process_sends(t
     assert share_equal(finals[1], initial) < 0.5  # the round did train
     record = json.loads((tmp_path / "run2" / "model" / "model.json").read_text())
     assert record["folds"][0]["trained_with"]["processes"] == 2
-    assert "2 processes (DDP)" in (tmp_path / "run2" / "logs" / "fold0" / "site_a.log").read_text()
+    assert "2 processes (DDP)" in (tmp_path / "run2" / "logs" / "fold0" / "site_a.log").read_text(encoding="utf-8", errors="replace")
