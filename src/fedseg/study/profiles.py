@@ -15,7 +15,7 @@ the file only changes the keys it names::
 Profiles:
 
 * ``demo`` — sized to finish the whole study (synthesis, 3 private + FL +
-  pooled five-fold ensembles, evaluation, report) in about 11 minutes on 2
+  pooled five-fold ensembles, evaluation, report) in 11 to 13 minutes on 2
   CPU cores: 24 synthetic cases per site (5 test cases each), 3 mm,
   ``unet-small``, 14 epochs/rounds, the full BigAug stack (measured: docs/results.md).
 * ``paper`` — Sarma et al.'s protocol: 100 cases per site, 1 mm, AH-Net,

@@ -41,6 +41,7 @@ from fedseg.inference import sliding_window_logits
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import CaseArrays
 from fedseg.training.device import Hardware, resolve_hardware, to_cpu
+from fedseg.training.fedprox import FedProxLoss
 from fedseg.training.losses import LossFn, soft_dice_loss
 from fedseg.training.patches import Shard, seed_for
 from fedseg.training.pipelines import make_pipeline
@@ -75,11 +76,7 @@ class EpochResult:
 def training_loss(fedprox_mu: float = 0.0, parallel: DataParallel | None = None) -> LossFn:
     """Soft Dice (over the whole batch, across a data-parallel group), plus FedProx's term when mu > 0."""
     base = soft_dice_loss(parallel.sum_across, parallel.world_size) if parallel is not None else soft_dice_loss()
-    if fedprox_mu == 0:
-        return base
-    from fedseg.training.fedprox import FedProxLoss  # noqa: PLC0415 - fedprox imports this module's LossFn users
-
-    return FedProxLoss(base, fedprox_mu)
+    return base if fedprox_mu == 0 else FedProxLoss(base, fedprox_mu)
 
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach")
