@@ -41,7 +41,7 @@ from fedseg.federation.study import settings_differences
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
-from fedseg.training.config import MACHINE_OPTIONS
+from fedseg.training.config import without_machine_options
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 
@@ -347,7 +347,7 @@ class StudyRun:
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """A settings record less what may change between runs of one study: version, threads, device and the like."""
-    train = {k: v for k, v in record.get("train", {}).items() if k not in MACHINE_OPTIONS}
+    train = without_machine_options(record.get("train", {}))
     return {**{k: v for k, v in record.items() if k != "fedseg_version"}, "train": train}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 from fedseg.errors import FedsegError
 from fedseg.models import check_patch, network_spec
 from fedseg.training.augment import AugmentConfig
+from fedseg.training.device import DEVICE_CHOICES, DEVICE_PATTERN
 
 AUGMENT_ENGINES = ("batched", "monai")
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MACHINE_OPTIONS = ("threads", "device", "amp", "channels_last", "loader_workers")
 """Options that say how this machine computes, not what: never compared across machines or on resume."""
 
@@ -101,7 +100,7 @@ class TrainConfig:
         if type(self.val_every) is not int or self.val_every < 1:
             raise FedsegError(f"train.val_every must be an integer >= 1, got {self.val_every!r}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
-            raise FedsegError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise FedsegError(f"train.device must be {DEVICE_CHOICES}, got {self.device!r}")
         if self.amp is not None and not isinstance(self.amp, bool):
             raise FedsegError(f"train.amp must be true or false, got {self.amp!r}")
         if not isinstance(self.channels_last, bool):
@@ -111,7 +110,7 @@ class TrainConfig:
 
     def without_machine_options(self) -> dict[str, Any]:
         """:meth:`to_dict` less the options each machine chooses for itself."""
-        return {k: v for k, v in self.to_dict().items() if k not in MACHINE_OPTIONS}
+        return without_machine_options(self.to_dict())
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -145,6 +144,11 @@ class TrainConfig:
             return cls(**data, augment=AugmentConfig(**augment))
         except TypeError as exc:
             raise FedsegError(f"{source}: {exc}") from exc
+
+
+def without_machine_options(train: dict[str, Any]) -> dict[str, Any]:
+    """A ``[train]`` dict (a config's, or one recorded in JSON) less :data:`MACHINE_OPTIONS`."""
+    return {k: v for k, v in train.items() if k not in MACHINE_OPTIONS}
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from fedseg.errors import FedsegError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-_CUDA = re.compile(r"cuda(?::(\d+))?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(?::(\d+))?")  # the names resolve_device and [train] device accept
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         FedsegError: an unknown name, or a device this machine does not have.
     """
-    if not isinstance(name, str):
-        raise FedsegError(f"train.device must be one of {DEVICE_CHOICES}, got {name!r}")
+    match = DEVICE_PATTERN.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise FedsegError(f"unknown device {name!r}; choose {DEVICE_CHOICES}")
     if name == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
@@ -82,9 +83,6 @@ def resolve_device(name: str) -> torch.device:
         if not torch.backends.mps.is_available():
             raise FedsegError("device mps was asked for, but this machine has no Apple GPU available to PyTorch")
         return torch.device("mps")
-    match = _CUDA.fullmatch(name)
-    if match is None:
-        raise FedsegError(f"unknown device {name!r}; choose {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         raise FedsegError(
             f"device {name} was asked for, but PyTorch sees no CUDA GPU here (torch {torch.__version__}"

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,10 +44,8 @@ from fedseg.pipes import ChildEnded, JsonLinesChild, free_port
 from fedseg.training.checkpoint import join_optimizer_state, split_optimizer_state
 from fedseg.training.config import TrainConfig
 from fedseg.training.device import Hardware, check_gpu_count, resolve_hardware
+from fedseg.training.engine import LocalTrainer, load_optimizer_state
 from fedseg.training.patches import Shard
-
-if TYPE_CHECKING:
-    from fedseg.training.engine import LocalTrainer
 
 __all__ = ["DataParallel", "FollowerSpec", "Placement", "place_training", "start_data_parallel"]
 
@@ -165,8 +163,6 @@ class DataParallel:
             buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self.hardware.device)
             dist.broadcast(buffer, src=0)
             tensors[name] = buffer.cpu()  # load_state_dict moves the moments to the parameters, keeps "step" on the CPU
-        from fedseg.training.engine import load_optimizer_state  # noqa: PLC0415 - the engine imports this module's users
-
         load_optimizer_state(trainer.optimizer, join_optimizer_state(tensors, command["rest"]))
         if trainer.scaler is not None and command.get("scaler"):
             trainer.scaler.load_state_dict(command["scaler"])

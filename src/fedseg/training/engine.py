@@ -43,15 +43,13 @@ from fedseg.training.data import CaseArrays
 from fedseg.training.device import Hardware, resolve_hardware, to_cpu
 from fedseg.training.fedprox import FedProxLoss
 from fedseg.training.losses import LossFn, soft_dice_loss
-from fedseg.training.patches import Shard, seed_for
+from fedseg.training.patches import Shard
 from fedseg.training.pipelines import make_pipeline
 
 if TYPE_CHECKING:
     from fedseg.training.distributed import DataParallel
 
-__all__ = ["EpochResult", "LocalTrainer", "LossFn", "epoch_seed", "soft_dice_loss", "training_loss"]
-
-epoch_seed = seed_for  # (seed, epoch, stream) -> 32-bit seed
+__all__ = ["EpochResult", "LocalTrainer", "adam", "load_optimizer_state", "training_loss"]
 
 
 @dataclass(frozen=True)

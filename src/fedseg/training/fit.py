@@ -167,11 +167,6 @@ def _resume(trainer: LocalTrainer, fold_dir: Path, config: TrainConfig, fingerpr
     return sidecar
 
 
-def validates(epoch: int, config: TrainConfig) -> bool:
-    """Whether epoch ``epoch`` (1-based) is validated: every ``val_every`` epochs, and always the last."""
-    return epoch % config.val_every == 0 or epoch >= config.epochs
-
-
 def hardware_record(trainer: LocalTrainer) -> dict[str, Any]:
     """Device, precision and process count that trained a model (model.json, reports)."""
     processes = trainer.parallel.world_size if trainer.parallel is not None else 1
@@ -214,7 +209,8 @@ def train_fold(
         "val_cases": [c.case_id for c in training.val],
     }
     while trainer.epoch < config.epochs:
-        result = trainer.run_epoch(validate=validates(trainer.epoch + 1, config))
+        last = trainer.epoch + 1 >= config.epochs
+        result = trainer.run_epoch(validate=True if last else None)  # every val_every epochs, and the last
         log.append(result)
         metrics = {"epoch": result.epoch, "val_dice": result.val_dice, "train_loss": result.train_loss}
         # without validation cases (NaN) the latest epoch is the best one known

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import torch
 
 from fedseg.training.checkpoint import dumps_json, loads_json
-from fedseg.training.device import Hardware, amp_dtype
+from fedseg.training.device import Hardware, resolve_hardware
 from fedseg.training.distributed import DataParallel, FollowerSpec, error_reply, join_as_follower, process_threads
 
 PARENT_POLL_S = 1.0
@@ -36,12 +36,11 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 def _hardware(spec: FollowerSpec, local_rank: int, amp: bool | None) -> Hardware:
-    if spec.device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Hardware(device, amp_dtype(device, amp))
+    """Rank r trains on cuda:r (or the CPU), resolved as rank 0 resolved its own."""
+    if spec.device_type != "cuda":
+        return resolve_hardware("cpu", amp)
+    torch.cuda.set_device(local_rank)
+    return resolve_hardware(f"cuda:{local_rank}", amp)
 
 
 def _trainer(spec: FollowerSpec, rank: int, world_size: int, local_rank: int, reply: Any):
@@ -52,7 +51,7 @@ def _trainer(spec: FollowerSpec, rank: int, world_size: int, local_rank: int, re
     from fedseg.training.engine import LocalTrainer, training_loss
     from fedseg.training.fit import training_set
 
-    config = TrainConfig.from_dict({**spec.train, "patch_size": tuple(spec.train["patch_size"])}, source="rank 0")
+    config = TrainConfig.from_dict(spec.train, source="rank 0")
     torch.set_num_threads(process_threads(config.threads, world_size))
     hardware = _hardware(spec, local_rank, config.amp)
     prepare = PrepareConfig(**spec.prepare)
