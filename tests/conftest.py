@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import os
 import sys
@@ -16,6 +17,21 @@ from fedseg.data.volume import Volume, save_volume
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMISE12_SITES = ("bidmc", "hk", "runmc", "ucl")
+TEST_HANG_S = 600.0  # the slowest test takes ~2 min on 2 cores
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test (setup and teardown included) that runs past TEST_HANG_S dumps every thread's stack and ends its worker.
+
+    faulthandler's watchdog is a C thread: it works even when the process is deadlocked holding the GIL,
+    where pytest-timeout's thread or signal could not run. A hang then fails CI in minutes, with the stacks.
+    """
+    faulthandler.dump_traceback_later(TEST_HANG_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

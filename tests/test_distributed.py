@@ -111,13 +111,13 @@ def test_a_follower_that_dies_mid_training_fails_rank_0_quickly(site, tmp_path):
     """The follower joins, then exits at its first epoch: rank 0 gets a FedsegError naming it, within the timeout."""
     script = tmp_path / "dying_follower.py"
     script.write_text(
-        "import os, sys\n"
+        "import os\n"
+        "import fedseg.training.distributed as d\n"
         "import fedseg.training.follower as f\n"
-        "real = f.DataParallel.start_epoch\n"
         "def die(self, trainer, new_anchor):\n"
         "    os._exit(5)\n"
-        "f.DataParallel.start_epoch = die\n"
-        "sys.exit(f.main())\n"
+        "d.DataParallel.start_epoch = die\n"
+        "f.main()\n"
     )
     prepared, _cache = site
     training = training_set([prepared], 0, CONFIG.patch)

@@ -23,13 +23,27 @@ No hang, no orphan: every wait for a follower has a timeout, a follower that
 exits is reported with its exit code, a follower sees its stdin close (or its
 parent change) when rank 0 goes away and exits, and collectives time out
 after ``timeout_s``.
+
+Tearing the group down is ordered, because torch's ``ProcessGroupGloo``
+destructor joins its worker threads while holding the GIL, and a worker
+thread that is still finishing a collective needs the GIL to release that
+collective's tensors: destroying the group right after a collective, or while
+one abandoned by an error is still failing, deadlocks the process (seen in CI,
+at the end of a test whose follower had died: the DDP wrapper, freed by the
+garbage collector, took the group with it). So the group owns the DDP
+wrappers (:meth:`DataParallel.wrap`), and :meth:`DataParallel.close` stops
+the followers (their sockets close, so every pending collective fails at
+once), waits a moment with the GIL released, then frees the wrappers and the
+process group. Followers never destroy theirs: they exit with ``os._exit``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -38,6 +52,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fedseg.errors import FedsegError
 from fedseg.pipes import ChildEnded, JsonLinesChild, free_port
@@ -53,6 +69,8 @@ FOLLOWER_MODULE = "fedseg.training.follower"
 COLLECTIVE_TIMEOUT_S = 600.0  # one step's all-reduce, or a follower's reply after an epoch
 READY_TIMEOUT_S = 900.0  # a follower importing torch and loading its site's cases
 ERROR_TAIL_LINES = 15
+EXIT_WAIT_S = 5.0  # after a failed collective: time for a dying follower to exit, so that the error can name it
+DRAIN_S = 1.0  # before freeing the group: time for gloo's worker threads to finish and release their collectives
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,17 @@ class DataParallel:
         self.hardware = hardware
         self.followers = list(followers)
         self.timeout_s = timeout_s
+        self._wrappers: list[DistributedDataParallel] = []
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` under DDP; the group holds the wrapper (see the module's note on teardown), callers a proxy.
+
+        The proxy stops working once the group is closed: train no more with it then.
+        """
+        ids = [self.hardware.device.index] if self.hardware.is_cuda else None
+        wrapper = DistributedDataParallel(model, device_ids=ids)
+        self._wrappers.append(wrapper)
+        return weakref.proxy(wrapper)
 
     @property
     def shard(self) -> Shard:
@@ -140,7 +169,9 @@ class DataParallel:
         except (RuntimeError, dist.DistError) as exc:
             if not self.leader:
                 raise
-            raise FedsegError(f"data-parallel training failed: {exc}; {self._followers_state()}") from exc
+            self._await_exits(EXIT_WAIT_S)
+            cause = str(exc).split(" This is typically caused")[0]  # gloo's advice after it is not for our users
+            raise FedsegError(f"data-parallel training failed: {self._followers_state()} ({cause})") from exc
 
     # ------------------------------------------------------------ optimiser state of a resumed run
 
@@ -185,6 +216,15 @@ class DataParallel:
             if not reply.get("ok"):
                 raise FedsegError(f"data-parallel process {rank} failed during {what}:\n{_tail(reply.get('error'))}")
 
+    def _await_exits(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the followers to exit (a broken collective usually means one is exiting)."""
+        deadline = time.monotonic() + timeout_s
+        for child in self.followers:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 -- still running: reported as running
+                pass
+
     def _followers_state(self) -> str:
         states = []
         for rank, child in enumerate(self.followers, start=1):
@@ -193,7 +233,7 @@ class DataParallel:
         return ", ".join(states) or "no other process"
 
     def close(self) -> None:
-        """Stop the followers (rank 0) and leave the process group; safe to call twice."""
+        """Stop the followers (rank 0), then free the DDP wrappers and the process group; safe to call twice."""
         for child in self.followers:
             try:
                 child.send({"cmd": "stop"})
@@ -203,6 +243,8 @@ class DataParallel:
             child.stop()
         self.followers = []
         if dist.is_initialized():
+            time.sleep(DRAIN_S)  # the GIL released: gloo's workers finish (see the module's note)
+            self._wrappers.clear()
             dist.destroy_process_group()
 
     def __enter__(self) -> DataParallel:

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from fedseg.errors import FedsegError
@@ -137,8 +136,7 @@ class LocalTrainer:
         self.model = model.to(self.hardware.device, memory_format=self.memory_format)
         self.network: nn.Module = self.model
         if parallel is not None and parallel.world_size > 1:
-            ids = [self.hardware.device.index] if self.hardware.is_cuda else None
-            self.network = DistributedDataParallel(self.model, device_ids=ids)
+            self.network = parallel.wrap(self.model)
             # Weights with a size-1 axis (1x1x1 kernels, one input channel) are contiguous in both layouts; their
             # gradients come back with the other layout's strides, a copy of a few bytes that DDP warns about.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")

@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import torch
 
 from fedseg.training.checkpoint import dumps_json, loads_json
 from fedseg.training.device import Hardware, resolve_hardware
-from fedseg.training.distributed import DataParallel, FollowerSpec, error_reply, join_as_follower, process_threads
+from fedseg.training.distributed import FollowerSpec, error_reply, join_as_follower, process_threads
 
 PARENT_POLL_S = 1.0
 
@@ -69,7 +69,6 @@ def serve(commands: TextIO, replies: TextIO, rank: int, world_size: int, local_r
         replies.write(dumps_json(message) + "\n")
         replies.flush()
 
-    parallel: DataParallel | None = None
     try:
         spec = FollowerSpec(**loads_json(commands.readline()))
         trainer, parallel = _trainer(spec, rank, world_size, local_rank, reply)
@@ -89,20 +88,21 @@ def serve(commands: TextIO, replies: TextIO, rank: int, world_size: int, local_r
     except Exception:  # noqa: BLE001 -- rank 0 shows it to the user
         reply(error_reply())
         return 1
-    finally:
-        if parallel is not None:
-            parallel.close()
     return 0
 
 
-def main() -> int:
+def main() -> NoReturn:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     replies = sys.stdout
     sys.stdout = sys.stderr  # nothing but replies on the pipe
-    return serve(sys.stdin, replies, rank, world_size, local_rank)
+    code = serve(sys.stdin, replies, rank, world_size, local_rank)
+    for stream in (replies, sys.stderr):
+        stream.flush()
+    # Not sys.exit: freeing the process group could deadlock (see fedseg.training.distributed); the OS frees it.
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
