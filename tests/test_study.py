@@ -70,13 +70,20 @@ def test_study_runs_every_step_and_writes_the_outputs(study):
     out = root / "out"
     for name in ("results.json", "report.md", "report.html", "settings.json", "study.toml"):
         assert (out / name).is_file(), name
-    for figure in ("dice_strip.png", "val_curves.png", "examples.png"):
+    for figure in ("dice_strip.png", "val_curves.png", "examples.png", "convergence_private.png",
+                   "convergence_pooled.png", "convergence_fl.png"):
         assert (out / "figures" / figure).read_bytes().startswith(b"\x89PNG"), figure
     for model in MODELS:
         record = json.loads((out / "models" / model / "model.json").read_text())
         assert [f["fold"] for f in record["folds"]] == [0, 1], model
     # the tables are printed at the end
     assert "Model evaluation results: private test sets" in stdout and "Overall (n=3)" in stdout
+    # every fold model's convergence, in the report and results.json
+    convergence = json.loads((out / "results.json").read_text())["convergence"]
+    assert sorted((c["model"], c["fold"]) for c in convergence) == sorted((m, k) for m in MODELS for k in (0, 1))
+    report = (out / "report.md").read_text()
+    assert "## Convergence" in report and "| private:nci | 0 |" in report and "fold models converged" in stdout
+    assert "k-fold ensembles, k = 2 (folds used)" in report
 
 
 def test_results_json_reproduces_the_report_tables(study):
@@ -200,3 +207,22 @@ def test_parallel_synthesis_writes_the_same_scans_as_serial(tmp_path):
     for relative in serial:
         a, b = load_volume(tmp_path / "serial" / relative), load_volume(tmp_path / "out" / "data" / relative)
         assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine), relative
+
+
+def test_seeds_run_the_whole_study_per_seed_and_count_the_finding(tmp_path):
+    """--seeds 0,1: two whole minimal studies (own scans, own training seed), then robustness.md."""
+    config = tmp_path / "minimal.toml"
+    config.write_text(MINIMAL.format(epochs=1))
+    code, stdout, err = invoke("study", "--out", tmp_path / "out", "--config", config, "--seeds", "0,1")
+    assert code == 0, stdout + err
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        settings = json.loads((out / f"seed-{seed}" / "settings.json").read_text())
+        assert settings["study"]["seed"] == seed and settings["train"]["seed"] == seed
+        assert (out / f"seed-{seed}" / "report.md").is_file()
+    scan = Path("data") / "nci" / "images"
+    first = sorted((out / "seed-0" / scan).iterdir())[0]
+    assert first.read_bytes() != (out / "seed-1" / scan / first.name).read_bytes()  # each seed synthesises its own
+    robustness = (out / "robustness.md").read_text()
+    assert "| fl > private:nci, Overall, p < 0.05 |" in robustness and "seed 0" in robustness and "seed 1" in robustness
+    assert "The finding across 2 seeds" in stdout and "held in" in stdout

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fedseg.cli.console import console, err_console, progress_bar
 from fedseg.data.check import CheckReport, check_site
+from fedseg.data.splits import small_site_warning
 from fedseg.data.layout import discover_site
 from fedseg.data.preprocess import PrepareConfig, prepare_site
 from fedseg.data.splits import SPLITS_FILE, ensure_splits
@@ -60,6 +61,9 @@ def check(
     if not report.ok:
         raise DataError(f"{site}: no valid cases")
     console.print(f"[green]ok[/] {site}: {len(report.cases)} cases")
+    warning = small_site_warning(site.name, len(report.cases))
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @app.command("import-dicom")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -18,6 +19,7 @@ def study(
     config: Path | None = typer.Option(None, help="study.toml overriding the profile: tables study, federation, train, prepare."),
     steps: str = typer.Option(",".join(("data", "prepare", "train", "federate", "evaluate", "report")), help="Steps to run, in order."),
     device: str | None = typer.Option(None, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps, for every training and evaluation process (default: the profile's, auto)."),
+    seeds: str | None = typer.Option(None, help="Run the whole study once per seed, e.g. 0,1,2 (in OUT/seed-N), and report in how many seeds each comparison held (OUT/robustness.md)."),
 ) -> None:
     """Reproduce the paper: private, federated and pooled five-fold ensembles, cross-site tables, a report."""
     from rich.markup import escape
@@ -25,6 +27,7 @@ def study(
     from fedseg.errors import FedsegError
     from fedseg.study.pipeline import STEPS, StudyRun, StudySources
     from fedseg.study.profiles import load_settings
+    from fedseg.study.seeds import parse_seeds, seed_folder
 
     chosen = [s.strip() for s in steps.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STEPS]
@@ -38,5 +41,33 @@ def study(
     settings = settings.on_device(device or settings.study.train.device)
     for line in settings.describe(synthetic=not site_dirs):
         console.print(f"[dim]{escape(line)}[/]")
-    run = StudyRun(out, settings, StudySources(tuple(site_dirs or ()), external), say=lambda text: console.print(escape(text)))
-    run.run(chosen)
+    sources = StudySources(tuple(site_dirs or ()), external)
+    say = lambda text: console.print(escape(text))  # noqa: E731
+    each_seed = parse_seeds(seeds) if seeds is not None else settings.plan.seeds
+    if not each_seed:
+        StudyRun(out, settings, sources, say=say).run(chosen)
+        return
+    for seed in each_seed:
+        console.print(f"[bold]seed {seed}[/] ({len(each_seed)} seeds) -> {seed_folder(out, seed)}")
+        StudyRun(seed_folder(out, seed), settings.for_seed(seed), sources, say=say).run(chosen)
+    if "report" in chosen:
+        _robustness(out, each_seed)
+
+
+def _robustness(out: Path, seeds: tuple[int, ...] | list[int]) -> None:
+    from rich.markup import escape
+
+    from fedseg.errors import FedsegError
+    from fedseg.study.seeds import seed_folder, write_robustness
+
+    results = {}
+    for seed in seeds:
+        path = seed_folder(out, seed) / "results.json"
+        if not path.is_file():
+            raise FedsegError(f"{path} is missing: seed {seed}'s study has not run its evaluate step")
+        results[seed] = json.loads(path.read_text())
+    path, record = write_robustness(out, results)
+    console.print(f"[bold]The finding across {len(seeds)} seeds[/] ({path}):")
+    for claim, held in record["held"].items():
+        style = "green" if held == len(seeds) else "yellow"
+        console.print(f"  [{style}]{escape(claim)}: held in {held} of {len(seeds)}[/]")

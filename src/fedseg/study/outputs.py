@@ -19,6 +19,7 @@ from fedseg.data.volume import load_volume
 from fedseg.evaluation.dice import dice_coefficient
 from fedseg.federation.rundir import RunDir
 from fedseg.inference import Ensemble
+from fedseg.study.convergence import convergence_lines, fold_curves
 from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
 from fedseg.training.checkpoint import read_json
 
@@ -108,6 +109,7 @@ def write_study_report(run: StudyRun) -> None:
     from fedseg.study.pipeline import write_results
 
     results, record = write_results(run)
+    curves = fold_curves(run)
     dice = record["dice"]
     private, external = record["test_sets"]["private"], record["test_sets"]["external"]
     notes = [
@@ -119,7 +121,7 @@ def write_study_report(run: StudyRun) -> None:
         run.out,
         title="fedseg study: federated vs private vs pooled prostate segmentation",
         settings=[
-            *run.settings.describe(run.sources.synthetic), f"{record['folds']} folds per ensemble", *_sources(run),
+            *run.settings.describe(run.sources.synthetic), f"k-fold ensembles, k = {record['folds']} (folds used)", *_sources(run),
             *hardware_lines(run),
         ],
         dice=dice,
@@ -129,8 +131,10 @@ def write_study_report(run: StudyRun) -> None:
         curves=validation_curves(run),
         examples=example_slices(run, dice),
         notes=notes,
+        fold_curves=curves,
     )
     run.say(tables_text(dice, private, external, reference="fl"))
+    run.say(convergence_lines(curves)[0])
     run.say(f"report: {paths['markdown']} and {paths['html']}; every number in {results}")
 
 

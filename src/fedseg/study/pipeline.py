@@ -35,9 +35,11 @@ from typing import Any
 
 from fedseg import __version__
 from fedseg.data.layout import discover_site
+from fedseg.data.splits import small_site_warning
 from fedseg.errors import FedsegError
 from fedseg.federation.local import run_local, site_names
 from fedseg.federation.study import settings_differences
+from fedseg.study.convergence import fold_curves
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
@@ -200,16 +202,30 @@ class StudyRun:
         self.say("prepare: " + "; ".join(
             f"{s.name}: {len(s.require_splits().train)} train / {len(s.require_splits().test)} test, "
             f"{len(s.require_splits().folds)} folds" for s in self.sites
-        ) + (f"; external {self.external.name}" if self.external else "") + f" -> {folds} folds used")
+        ) + (f"; external {self.external.name}" if self.external else "") + f" -> {folds}-fold ensembles")
+        for site in self.sites:
+            splits = site.require_splits()
+            warning = small_site_warning(site.name, len(splits.train) + len(splits.test))
+            if warning:
+                self.say(f"  warning: {warning}")
+        wanted = self.settings.plan.folds
+        if wanted is not None and wanted > folds:
+            self.say(f"  note: study.folds = {wanted}, but the smallest site has only {folds} folds; using {folds}")
 
     def _sites_ready(self) -> None:
         if not self.sites:
             self.step_prepare()
 
     @property
-    def n_folds(self) -> int:
-        """Folds every site has (small sites have fewer than five)."""
+    def available_folds(self) -> int:
+        """Folds every site's split has (small sites have fewer than five)."""
         return min(len(site.require_splits().folds) for site in self.sites)
+
+    @property
+    def n_folds(self) -> int:
+        """k of the k-fold ensembles: ``[study] folds``, at most the folds every site has."""
+        wanted = self.settings.plan.folds
+        return self.available_folds if wanted is None else min(wanted, self.available_folds)
 
     # ------------------------------------------------------------ 3 private + pooled
 
@@ -368,6 +384,11 @@ def results_record(run: StudyRun) -> dict[str, Any]:
         "timings_s": {**{k: read_json(p)["seconds"] for k, p in _step_files(run.out)}, **run.timings},
         "reference": FL,
         "n_test_cases": {name: len(dice[FL][name]) for name in run.test_sets()},
+        "convergence": [
+            {"model": c.model, "fold": c.fold, "best_val_dice": c.best, "best_at": c.best_at, "of": c.x[-1],
+             "tail_mean": c.tail_mean, "converged": c.converged}
+            for c in fold_curves(run)
+        ],
     }
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.federation.study import FederationConfig, StudyConfig, read_toml
+from fedseg.study.seeds import check_seeds
 from fedseg.training.config import TrainConfig
 from fedseg.training.device import resolve_hardware
 
@@ -50,6 +51,12 @@ class StudyPlan:
         seed: synthesis seed (the same seed gives identical scans).
         workers: training/evaluation processes run at once (each with
             ``train.threads`` torch threads).
+        folds: fold models per ensemble (k of the k-fold ensembles); None = every
+            fold of the sites' splits (5, fewer for small sites). The first k folds
+            are used, so a smaller k is a subset of a larger one.
+        seeds: run the whole study once per seed (``OUT/seed-N``; synthesis and
+            training use seed N) and report in how many the finding held; None =
+            one study with ``seed``.
     """
 
     cases: int = 100
@@ -57,6 +64,8 @@ class StudyPlan:
     resolution_scale: float = 1.0
     seed: int = 0
     workers: int = 1
+    folds: int | None = None
+    seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("cases", "external_cases", "workers"):
@@ -71,6 +80,10 @@ class StudyPlan:
             raise FedsegError(f"study.resolution_scale must be a number >= 1, got {self.resolution_scale!r}")
         if type(self.seed) is not int:
             raise FedsegError(f"study.seed must be an integer, got {self.seed!r}")
+        if self.seeds is not None:
+            check_seeds(self.seeds, "study.seeds")
+        if self.folds is not None and (type(self.folds) is not int or self.folds < 1):
+            raise FedsegError(f"study.folds must be an integer >= 1 (fold models per ensemble), got {self.folds!r}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +109,18 @@ class Settings:
             f"{train.samples_per_volume} crops per case per epoch, Adam lr {train.learning_rate:g}",
             f"augmentation: stacked transformations (BigAug, {train.augment_engine}), elastic deformation "
             + (f"p = {train.augment.elastic_prob:g}" if train.augment.elastic_prob > 0 else "off"),
+            "ensembles: " + (f"k-fold, k = {self.plan.folds}" if self.plan.folds else "one model per fold of the splits"),
             f"private and pooled models: {train.epochs} epochs per fold; FL: {federation.rounds} rounds of one "
             f"local epoch, aggregator {federation.aggregator}",
             f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each, "
             f"on {resolve_hardware(train.device, train.amp).describe(threads=False)}",
         ]
+
+    def for_seed(self, seed: int) -> Settings:
+        """These settings for one seed of a multi-seed study: synthesis and training both use ``seed``."""
+        plan = dataclasses.replace(self.plan, seed=seed, seeds=None)
+        study = dataclasses.replace(self.study, train=self.study.train.replace(seed=seed))
+        return dataclasses.replace(self, plan=plan, study=study)
 
     def on_device(self, device: str) -> Settings:
         """These settings with every training and evaluation process on ``device``, resolved here.

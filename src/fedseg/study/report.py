@@ -39,6 +39,7 @@ from fedseg.evaluation.crosssite import (
     write_tables,
 )
 from fedseg.evaluation.dice import format_mean_sd
+from fedseg.study.convergence import FoldCurve, convergence_lines
 
 __all__ = ["P_FLAG", "Curve", "ExampleSlice", "tables_text", "write_report"]
 
@@ -95,12 +96,15 @@ def write_report(
     curves: Mapping[str, Sequence[Curve]],
     examples: Sequence[ExampleSlice],
     notes: Sequence[str] = (),
+    fold_curves: Sequence[FoldCurve] = (),
 ) -> dict[str, Path]:
     """Write tables, figures, ``report.md`` and ``report.html`` into ``out_dir``.
 
     ``dice[model][test_set][case]`` holds per-case Dice (models ``"private:<site>"``,
     ``"fl"``, ``"pooled"``); ``curves[site]`` the validation curves drawn in
-    that site's panel; ``examples`` the slices of ``examples.png``.
+    that site's panel; ``examples`` the slices of ``examples.png``;
+    ``fold_curves`` every fold model's validation curve, for the convergence
+    section and one figure per model family.
 
     Returns:
         ``{"markdown": report.md, "html": report.html, "figures": dir, "tables": dir}``.
@@ -122,11 +126,15 @@ def write_report(
         _curves_figure(curves, figures_dir / "val_curves.png"),
         _examples_figure(examples, figures_dir / "examples.png"),
     ]
+    convergence = [
+        _convergence_figure(family, [c for c in fold_curves if c.family == family], figures_dir / f"convergence_{family}.png")
+        for family in dict.fromkeys(c.family for c in fold_curves)
+    ]
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
     markdown_path.write_text(
-        _report_markdown(title, settings, table, figures, notes, out_dir), encoding="utf-8"
+        _report_markdown(title, settings, table, figures, notes, out_dir, fold_curves, convergence), encoding="utf-8"
     )
-    html_path.write_text(_report_html(title, settings, table, figures, notes), encoding="utf-8")
+    html_path.write_text(_report_html(title, settings, table, figures, notes, fold_curves, convergence), encoding="utf-8")
     return {"markdown": markdown_path, "html": html_path, "figures": figures_dir, "tables": tables_dir}
 
 
@@ -322,6 +330,27 @@ def _curve_panel(ax: plt.Axes, site: str, site_curves: list[Curve]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _convergence_figure(family: str, curves: list[FoldCurve], path: Path) -> _Figure:
+    """One panel per model of the family, one line per fold, the best of each fold marked."""
+    unit = "round" if family == "fl" else "epoch"
+    caption = f"Validation Dice of every {family} fold model per {unit} (dot: the fold's best)."
+    models = list(dict.fromkeys(c.model for c in curves))
+    fig, axes = _grid(len(models), 3, (4.2, 3.3))
+    for ax, model in zip(axes, models):
+        folds = [c for c in curves if c.model == model]
+        for curve, color in zip(folds, _colors(len(folds))):
+            ax.plot(curve.x, curve.y, linewidth=1.2, color=color, label=f"fold {curve.fold}")
+            ax.plot([curve.best_at], [curve.best], "o", color=color, markersize=4)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel(unit)
+        ax.set_ylabel("validation Dice")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _Figure(caption, _save(fig, path))
+
+
 def _examples_figure(examples: Sequence[ExampleSlice], path: Path) -> _Figure:
     """One panel per example slice: image, truth contour (green), FL prediction contour (red)."""
     caption = "Example test slices: ground truth (green) and FL prediction (red) contours."
@@ -362,10 +391,25 @@ def _report_markdown(
     figures: list[_Figure],
     notes: Sequence[str],
     out_dir: Path,
+    fold_curves: Sequence[FoldCurve] = (),
+    convergence: Sequence[_Figure] = (),
 ) -> str:
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {s}" for s in settings] or ["No settings recorded."]
     lines += ["", "## Cross-site Dice", "", _tables_markdown(table).rstrip("\n"), "", "## Figures"]
+    lines += _figures_markdown(figures, out_dir)
+    if fold_curves:
+        lines += ["", "## Convergence", "", *convergence_lines(fold_curves), *_figures_markdown(convergence, out_dir)]
+    if notes:
+        lines += ["", "## Notes"]
+        for note in notes:
+            lines += ["", note]
+    lines += ["", "## How to recompute", "", _RECOMPUTE]
+    return "\n".join(lines) + "\n"
+
+
+def _figures_markdown(figures: Sequence[_Figure], out_dir: Path) -> list[str]:
+    lines = []
     for figure in figures:
         lines.append("")
         if figure.path is None:
@@ -373,12 +417,7 @@ def _report_markdown(
         else:
             link = figure.path.relative_to(out_dir).as_posix()
             lines += [f"![{figure.caption}]({link})", "", f"*{figure.caption}*"]
-    if notes:
-        lines += ["", "## Notes"]
-        for note in notes:
-            lines += ["", note]
-    lines += ["", "## How to recompute", "", _RECOMPUTE]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 _RECOMPUTE = (
@@ -420,11 +459,15 @@ def _report_html(
     table: CrossSiteTable,
     figures: list[_Figure],
     notes: Sequence[str],
+    fold_curves: Sequence[FoldCurve] = (),
+    convergence: Sequence[_Figure] = (),
 ) -> str:
     body = [f"<h1>{_e(title)}</h1>", "<h2>Settings</h2>", _html_list(settings, "No settings recorded.")]
     body += ["<h2>Cross-site Dice</h2>", *_html_tables(table), _html_footnote(table)]
     body += [*_html_p_values(table), *_html_tests(table), "<h2>Figures</h2>"]
     body += [_html_figure(f) for f in figures]
+    if fold_curves:
+        body += ["<h2>Convergence</h2>", _html_convergence(fold_curves), *(_html_figure(f) for f in convergence)]
     if notes:
         body += ["<h2>Notes</h2>", *(f"<p>{_e(n)}</p>" for n in notes)]
     body += ["<h2>How to recompute</h2>", f"<p>{_e(_RECOMPUTE)}</p>"]
@@ -433,6 +476,19 @@ def _report_html(
         f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"
+    )
+
+
+def _html_convergence(curves: Sequence[FoldCurve]) -> str:
+    summary = convergence_lines(curves)[0]
+    rows = "\n".join(
+        f"<tr><td>{_e(c.model)}</td><td>{c.fold}</td><td>{c.best:.3f}</td><td>{c.best_at} of {c.x[-1]}</td>"
+        f"<td>{c.tail_mean:.3f}</td><td>{'yes' if c.converged else '<strong>no</strong>'}</td></tr>"
+        for c in curves
+    )
+    return (
+        f"<p>{_e(summary)}</p>\n<table>\n<thead><tr><th>Model</th><th>Fold</th><th>Best val Dice</th>"
+        f"<th>at epoch/round</th><th>last 20 % mean</th><th>converged</th></tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>"
     )
 
 

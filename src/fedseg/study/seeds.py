@@ -1,0 +1,157 @@
+"""The study repeated over seeds: does the paper's finding hold in each, and how much do the numbers move?
+
+``fedseg study --seeds 0,1,2`` runs the whole study once per seed, in
+``OUT/seed-N`` (synthesis, when the study makes its sites, and training both
+use seed N), then writes ``OUT/robustness.md`` and ``OUT/robustness.json``
+from the seeds' ``results.json``: for every comparison the finding is made
+of, whether it held in each seed and in how many, plus each seed's means.
+
+The comparisons are the paper's claims, with fixed thresholds written before
+any result was seen (issue #12): the FL model above every private model on the
+combined private test sets (paired t-test p < 0.05) and on every external
+set, and level with the pooled model (at most 0.03 below it, Overall).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.errors import FedsegError
+from fedseg.evaluation.crosssite import OVERALL, CrossSiteTable, cross_site_table
+
+__all__ = ["Finding", "findings", "parse_seeds", "seed_folder", "write_robustness"]
+
+P_FINDING = 0.05
+POOLED_MARGIN = 0.03
+NUMERICS_NOTE = (
+    "Per-case Dice depends on the floating-point kernels of the CPU or GPU that trained the models (on two "
+    "CPUs, the same commit and seed moved per-case Dice by up to 0.2), so a finding is only as solid as the "
+    "number of seeds it holds in; the spread across seeds below is the honest error bar."
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One comparison of one seed's study: what was claimed, whether it held, and the numbers."""
+
+    claim: str
+    held: bool
+    detail: str
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2); distinct non-negative integers.
+
+    Raises:
+        FedsegError: anything else (the message shows what was given).
+    """
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FedsegError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    return check_seeds(seeds, "--seeds")
+
+
+def check_seeds(seeds: Sequence[Any], where: str) -> tuple[int, ...]:
+    if not seeds or any(type(s) is not int or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FedsegError(f"{where} must be distinct integers >= 0, e.g. [0, 1, 2]; got {list(seeds)!r}")
+    return tuple(seeds)
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
+def _table(results: Mapping[str, Any]) -> CrossSiteTable:
+    sets = results["test_sets"]
+    return cross_site_table(
+        results["dice"], private_sets=sets["private"], external_sets=sets["external"], reference=results["reference"]
+    )
+
+
+def findings(results: Mapping[str, Any]) -> list[Finding]:
+    """The paper's finding, comparison by comparison, in one study's ``results.json`` content."""
+    table = _table(results)
+    reference = table.reference
+    fl = table.summary(reference, OVERALL).mean
+    out = []
+    for model in table.models[:-1]:
+        if model.startswith("private:"):
+            other, test = table.summary(model, OVERALL).mean, table.tests[(model, OVERALL)]
+            held = fl > other and test.p is not None and test.p < P_FINDING
+            p = "p undefined" if test.p is None else f"p = {test.p:.3g}"
+            out.append(Finding(f"{reference} > {model}, Overall, p < {P_FINDING:g}", held, f"{fl:.3f} vs {other:.3f}, {p}"))
+    for external in table.external_sets:
+        fl_ext = table.summary(reference, external).mean
+        for model in table.models[:-1]:
+            if model.startswith("private:"):
+                other = table.summary(model, external).mean
+                out.append(Finding(f"{reference} > {model}, {external}", fl_ext > other, f"{fl_ext:.3f} vs {other:.3f}"))
+    if "pooled" in table.models:
+        pooled = table.summary("pooled", OVERALL).mean
+        out.append(Finding(
+            f"{reference} >= pooled - {POOLED_MARGIN:g}, Overall", fl >= pooled - POOLED_MARGIN, f"{fl:.3f} vs {pooled:.3f}"
+        ))
+    return out
+
+
+def _means(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """{model: {"Overall": mean, external set: mean, ...}} of one seed."""
+    table = _table(results)
+    columns = [OVERALL, *table.external_sets]
+    return {model: {c: table.summary(model, c).mean for c in columns} for model in table.models}
+
+
+def write_robustness(out: Path, per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """Write ``robustness.md`` and ``robustness.json`` into ``out`` from each seed's results; returns the .md path.
+
+    Raises:
+        FedsegError: no seeds, or seeds whose studies compared different models or test sets.
+    """
+    if not per_seed:
+        raise FedsegError("no seed has results to compare")
+    seeds = sorted(per_seed)
+    by_seed = {s: findings(per_seed[s]) for s in seeds}
+    claims = [f.claim for f in by_seed[seeds[0]]]
+    for s in seeds:
+        if [f.claim for f in by_seed[s]] != claims:
+            raise FedsegError(f"seed {s} compared other models or test sets than seed {seeds[0]}; see {seed_folder(out, s)}")
+    means = {s: _means(per_seed[s]) for s in seeds}
+    record = {
+        "seeds": seeds,
+        "findings": {s: [asdict(f) for f in by_seed[s]] for s in seeds},
+        "held": {claim: sum(by_seed[s][i].held for s in seeds) for i, claim in enumerate(claims)},
+        "means": means,
+        "note": NUMERICS_NOTE,
+    }
+    path = Path(out) / "robustness.md"
+    path.write_text(_markdown(seeds, claims, by_seed, means), encoding="utf-8")
+    (Path(out) / "robustness.json").write_text(json.dumps(record, indent=1, allow_nan=False))
+    return path, record
+
+
+def _markdown(seeds: list[int], claims: list[str], by_seed: dict[int, list[Finding]], means: dict) -> str:
+    lines = [f"# The finding across seeds {', '.join(map(str, seeds))}", "", NUMERICS_NOTE, "", "## Did it hold?", ""]
+    lines.append("| Comparison | " + " | ".join(f"seed {s}" for s in seeds) + " | held in |")
+    lines.append("|---" * (len(seeds) + 2) + "|")
+    for i, claim in enumerate(claims):
+        cells = [("yes" if by_seed[s][i].held else "**no**") + f" ({by_seed[s][i].detail})" for s in seeds]
+        held = sum(by_seed[s][i].held for s in seeds)
+        lines.append(f"| {claim} | " + " | ".join(cells) + f" | {held} of {len(seeds)} |")
+    columns = list(next(iter(means[seeds[0]].values())))
+    lines += ["", "## Mean Dice per seed, and the spread across seeds", ""]
+    lines.append("| Model | Test set | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | range |")
+    lines.append("|---" * (len(seeds) + 4) + "|")
+    for model in means[seeds[0]]:
+        for column in columns:
+            values = [means[s][model][column] for s in seeds]
+            spread = f"{min(values):.3f}-{max(values):.3f}"
+            lines.append(f"| {model} | {column} | " + " | ".join(f"{v:.3f}" for v in values)
+                         + f" | {statistics.fmean(values):.3f} | {spread} |")
+    lines += ["", "Each seed's full report: " + ", ".join(f"[seed {s}](seed-{s}/report.md)" for s in seeds), ""]
+    return "\n".join(lines)

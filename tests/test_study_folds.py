@@ -1,0 +1,73 @@
+"""``[study] folds``: k of the k-fold ensembles, checked, described and capped by the smallest site."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_site
+
+from fedseg.errors import FedsegError
+from fedseg.study.pipeline import StudyRun, StudySources
+from fedseg.study.profiles import load_settings
+
+SMALL = "[study]\nfolds = {folds}\n[prepare]\nspacing_mm = 4.0\n"
+
+
+def settings(tmp_path, folds):
+    path = tmp_path / f"study{folds}.toml"
+    path.write_text(SMALL.format(folds=folds))
+    return load_settings("demo", path)
+
+
+@pytest.fixture
+def sites(tmp_path):
+    # 6 cases: 1 test + 5 training cases, 5 folds; 4 cases: 1 test + 3, 3 folds
+    return [write_site(tmp_path / "big", n_cases=6), write_site(tmp_path / "small", n_cases=4, seed=3)]
+
+
+def prepared_run(tmp_path, sites, folds):
+    said = []
+    run = StudyRun(tmp_path / f"out{folds}", settings(tmp_path, folds), StudySources(tuple(sites)), say=said.append)
+    run.step_prepare()
+    return run, said
+
+
+def test_folds_picks_the_ensemble_size_and_the_report_says_so(tmp_path, sites):
+    run, said = prepared_run(tmp_path, sites, 2)
+    assert run.available_folds == 3 and run.n_folds == 2
+    assert "-> 2-fold ensembles" in said[0]
+    assert "ensembles: k-fold, k = 2" in run.settings.describe(synthetic=False)
+
+
+def test_more_folds_than_the_smallest_site_has_are_capped_with_a_note(tmp_path, sites):
+    run, said = prepared_run(tmp_path, sites, 5)
+    assert run.n_folds == 3
+    assert any("study.folds = 5, but the smallest site has only 3 folds; using 3" in line for line in said)
+
+
+def test_default_is_every_fold_the_splits_have():
+    assert load_settings("demo").plan.folds is None and load_settings("paper").plan.folds is None
+
+
+@pytest.mark.parametrize("value", ["0", "2.5", '"two"'])
+def test_bad_folds_are_named(tmp_path, value):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[study]\nfolds = {value}\n")
+    with pytest.raises(FedsegError, match="study.folds must be an integer >= 1"):
+        load_settings("demo", path)
+
+
+def test_a_site_of_fewer_than_five_cases_is_warned_about_in_the_study(tmp_path, sites):
+    _run, said = prepared_run(tmp_path, sites, 2)
+    warnings = [line for line in said if "warning:" in line]
+    assert len(warnings) == 1 and "small has only 4 cases (fewer than 5): 1 held out for testing, 3 folds" in warnings[0]
+
+
+def test_data_check_warns_about_a_small_site_and_still_passes(tmp_path, run_cli):
+    from fedseg.data.splits import small_site_warning
+
+    code, out, err = run_cli("data", "check", write_site(tmp_path / "tiny", n_cases=3))
+    assert code == 0, out + err
+    assert "warning:" in err and "tiny has only 3 cases" in err and "2 folds training on 1 case(s) each" in err
+    code, _out, err = run_cli("data", "check", write_site(tmp_path / "five", n_cases=5))
+    assert code == 0 and "warning" not in err
+    assert small_site_warning("x", 5) is None and small_site_warning("x", 2) is None
