@@ -81,7 +81,7 @@ def test_study_runs_every_step_and_writes_the_outputs(study):
     # every fold model's convergence, in the report and results.json
     convergence = json.loads((out / "results.json").read_text())["convergence"]
     assert sorted((c["model"], c["fold"]) for c in convergence) == sorted((m, k) for m in MODELS for k in (0, 1))
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Convergence" in report and "| private:nci | 0 |" in report and "fold models converged" in stdout
     assert "k-fold ensembles, k = 2 (folds used)" in report
 
@@ -223,6 +223,6 @@ def test_seeds_run_the_whole_study_per_seed_and_count_the_finding(tmp_path):
     scan = Path("data") / "nci" / "images"
     first = sorted((out / "seed-0" / scan).iterdir())[0]
     assert first.read_bytes() != (out / "seed-1" / scan / first.name).read_bytes()  # each seed synthesises its own
-    robustness = (out / "robustness.md").read_text()
+    robustness = (out / "robustness.md").read_text(encoding="utf-8")
     assert "| fl > private:nci, Overall, p < 0.05 |" in robustness and "seed 0" in robustness and "seed 1" in robustness
     assert "The finding across 2 seeds" in stdout and "held in" in stdout

@@ -53,7 +53,7 @@ def test_robustness_counts_the_seeds_each_comparison_held_in(tmp_path):
     path, record = write_robustness(tmp_path, per_seed)
     assert record["held"]["fl > private:nci, Overall, p < 0.05"] == 3
     assert record["held"]["fl > private:suny, prostatex"] == 2
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert "| fl > private:suny, prostatex |" in text and "2 of 3" in text and "**no**" in text
     assert "floating-point" in text and "range" in text
     assert json.loads((tmp_path / "robustness.json").read_text())["seeds"] == [0, 1, 2]
