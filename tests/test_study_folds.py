@@ -71,3 +71,10 @@ def test_data_check_warns_about_a_small_site_and_still_passes(tmp_path, run_cli)
     code, _out, err = run_cli("data", "check", write_site(tmp_path / "five", n_cases=5))
     assert code == 0 and "warning" not in err
     assert small_site_warning("x", 5) is None and small_site_warning("x", 2) is None
+
+
+def test_the_settings_name_the_local_epochs_per_round(tmp_path):
+    path = tmp_path / "local.toml"
+    path.write_text("[federation]\nrounds = 8\nlocal_epochs = 2\n")
+    assert any("FL: 8 rounds of 2 local epochs" in line for line in load_settings("demo", path).describe())
+    assert any("rounds of one local epoch" in line for line in load_settings("demo").describe())

@@ -110,8 +110,9 @@ class Settings:
             f"augmentation: stacked transformations (BigAug, {train.augment_engine}), elastic deformation "
             + (f"p = {train.augment.elastic_prob:g}" if train.augment.elastic_prob > 0 else "off"),
             "ensembles: " + (f"k-fold, k = {self.plan.folds}" if self.plan.folds else "one model per fold of the splits"),
-            f"private and pooled models: {train.epochs} epochs per fold; FL: {federation.rounds} rounds of one "
-            f"local epoch, aggregator {federation.aggregator}",
+            f"private and pooled models: {train.epochs} epochs per fold; FL: {federation.rounds} rounds of "
+            + ("one local epoch" if federation.local_epochs == 1 else f"{federation.local_epochs} local epochs")
+            + f", aggregator {federation.aggregator}",
             f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each, "
             f"on {resolve_hardware(train.device, train.amp).describe(threads=False)}",
         ]
