@@ -80,6 +80,9 @@ def test_each_seed_seeds_synthesis_and_training(tmp_path):
     assert settings.plan.seeds == [3, 4]
     one = settings.for_seed(4)
     assert one.plan.seed == 4 and one.study.train.seed == 4 and one.plan.seeds is None
+    assert any("seeds 3, 4 (a whole study each)" in line for line in settings.describe())
+    assert any("seed 4" in line and "seeds" not in line for line in one.describe())
+    assert load_settings("demo").with_seeds((0, 1)).plan.seeds == [0, 1]
     path.write_text("[study]\nseeds = [1, 1]\n")
     with pytest.raises(FedsegError, match="study.seeds must be distinct integers"):
         load_settings("demo", path)

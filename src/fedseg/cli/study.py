@@ -39,11 +39,13 @@ def study(
         raise FedsegError("--external goes with --sites (the synthetic study makes its own external set)")
     settings = load_settings(profile, config)
     settings = settings.on_device(device or settings.study.train.device)
+    if seeds is not None:
+        settings = settings.with_seeds(parse_seeds(seeds))
     for line in settings.describe(synthetic=not site_dirs):
         console.print(f"[dim]{escape(line)}[/]")
     sources = StudySources(tuple(site_dirs or ()), external)
     say = lambda text: console.print(escape(text))  # noqa: E731
-    each_seed = parse_seeds(seeds) if seeds is not None else settings.plan.seeds
+    each_seed = settings.plan.seeds
     if not each_seed:
         StudyRun(out, settings, sources, say=say).run(chosen)
         return

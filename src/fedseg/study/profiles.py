@@ -99,7 +99,8 @@ class Settings:
         train, prepare, federation = self.study.train, self.study.prepare, self.study.federation
         data = [
             f"synthetic data: {self.plan.cases} cases per site, {self.plan.external_cases} external cases, "
-            f"voxels coarsened x{self.plan.resolution_scale:g}, seed {self.plan.seed}"
+            f"voxels coarsened x{self.plan.resolution_scale:g}, "
+            + (f"seeds {', '.join(map(str, self.plan.seeds))} (a whole study each)" if self.plan.seeds else f"seed {self.plan.seed}")
         ]
         return [
             f"profile: {self.profile}",
@@ -116,6 +117,10 @@ class Settings:
             f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each, "
             f"on {resolve_hardware(train.device, train.amp).describe(threads=False)}",
         ]
+
+    def with_seeds(self, seeds: tuple[int, ...] | list[int]) -> Settings:
+        """These settings for a multi-seed study (``--seeds``)."""
+        return dataclasses.replace(self, plan=dataclasses.replace(self.plan, seeds=list(seeds)))
 
     def for_seed(self, seed: int) -> Settings:
         """These settings for one seed of a multi-seed study: synthesis and training both use ``seed``."""
