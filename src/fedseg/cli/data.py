@@ -11,10 +11,9 @@ from rich.table import Table
 
 from fedseg.cli.console import console, err_console, progress_bar
 from fedseg.data.check import CheckReport, check_site
-from fedseg.data.splits import small_site_warning
 from fedseg.data.layout import discover_site
 from fedseg.data.preprocess import PrepareConfig, prepare_site
-from fedseg.data.splits import SPLITS_FILE, ensure_splits
+from fedseg.data.splits import SPLITS_FILE, ensure_splits, small_site_warning
 from fedseg.data.synth import DEFAULT_EXTERNAL
 from fedseg.data.synth import DEFAULT_SITES as SYNTH_SITES
 from fedseg.errors import DataError

@@ -21,7 +21,7 @@ from fedseg.federation.rundir import RunDir
 if TYPE_CHECKING:
     from fedseg.study.pipeline import StudyRun
 
-__all__ = ["TAIL_FRACTION", "WITHIN", "FoldCurve", "convergence_lines", "fold_curves"]
+__all__ = ["TAIL_FRACTION", "WITHIN", "FoldCurve", "convergence_lines", "epoch_dice", "fold_curves"]
 
 TAIL_FRACTION = 0.2
 WITHIN = 0.02
@@ -57,12 +57,17 @@ class FoldCurve:
         return self.tail_mean >= self.best - WITHIN
 
 
-def _epochs(fold_dir: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def epoch_dice(fold_dir: Path) -> dict[int, float]:
+    """{epoch: validation Dice} of one fold's ``metrics.jsonl`` (epochs without validation left out)."""
     path = fold_dir / "metrics.jsonl"
     if not path.is_file():
-        return (), ()
+        return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    points = sorted((int(r["epoch"]), float(r["val_dice"])) for r in rows if r.get("val_dice") is not None)
+    return {int(r["epoch"]): float(r["val_dice"]) for r in rows if r.get("val_dice") is not None}
+
+
+def _epochs(fold_dir: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    points = sorted(epoch_dice(fold_dir).items())
     return tuple(p[0] for p in points), tuple(p[1] for p in points)
 
 

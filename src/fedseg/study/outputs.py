@@ -19,7 +19,7 @@ from fedseg.data.volume import load_volume
 from fedseg.evaluation.dice import dice_coefficient
 from fedseg.federation.rundir import RunDir
 from fedseg.inference import Ensemble
-from fedseg.study.convergence import convergence_lines, fold_curves
+from fedseg.study.convergence import convergence_lines, epoch_dice, fold_curves
 from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
 from fedseg.training.checkpoint import read_json
 
@@ -35,14 +35,6 @@ def _mean_curve(label: str, series: list[dict[int, float]]) -> Curve | None:
         return None
     common = sorted(set.intersection(*(set(s) for s in series)))
     return Curve(label, common, [float(np.mean([s[x] for s in series])) for x in common]) if common else None
-
-
-def _metrics(fold_dir: Path) -> dict[int, float]:
-    path = fold_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(r["epoch"]): float(r["val_dice"]) for r in rows if r.get("val_dice") is not None}
 
 
 def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
@@ -61,7 +53,7 @@ def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
             fl_by_site[site].append(points)
     curves: dict[str, list[Curve]] = {}
     for site in run.sites:
-        private = [_metrics(run.model_dir(f"private:{site.name}") / f"fold{k}") for k in folds]
+        private = [epoch_dice(run.model_dir(f"private:{site.name}") / f"fold{k}") for k in folds]
         candidates = [
             _mean_curve(f"private:{site.name}", [p for p in private if p]),
             _mean_curve("fl (site's local validation)", fl_by_site.get(site.name, [])),
@@ -108,8 +100,8 @@ def write_study_report(run: StudyRun) -> None:
     """results.json, the report and its figures; prints the two tables."""
     from fedseg.study.pipeline import write_results
 
-    results, record = write_results(run)
     curves = fold_curves(run)
+    results, record = write_results(run, curves)
     dice = record["dice"]
     private, external = record["test_sets"]["private"], record["test_sets"]["external"]
     notes = [

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from fedseg.data.splits import small_site_warning
 from fedseg.errors import FedsegError
 from fedseg.federation.local import run_local, site_names
 from fedseg.federation.study import settings_differences
-from fedseg.study.convergence import fold_curves
+from fedseg.study.convergence import FoldCurve
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.training.checkpoint import read_json, write_json
@@ -367,7 +367,7 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in record.items() if k != "fedseg_version"}, "train": train}
 
 
-def results_record(run: StudyRun) -> dict[str, Any]:
+def results_record(run: StudyRun, curves: Sequence[FoldCurve]) -> dict[str, Any]:
     """The content of results.json: every per-case Dice, and how it was obtained."""
     dice = run.dice()
     return {
@@ -387,7 +387,7 @@ def results_record(run: StudyRun) -> dict[str, Any]:
         "convergence": [
             {"model": c.model, "fold": c.fold, "best_val_dice": c.best, "best_at": c.best_at, "of": c.x[-1],
              "tail_mean": c.tail_mean, "converged": c.converged}
-            for c in fold_curves(run)
+            for c in curves
         ],
     }
 
@@ -397,8 +397,8 @@ def _step_files(out: Path) -> list[tuple[str, Path]]:
     return [(p.stem, p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def write_results(run: StudyRun) -> tuple[Path, dict[str, Any]]:
+def write_results(run: StudyRun, curves: Sequence[FoldCurve]) -> tuple[Path, dict[str, Any]]:
     """Write results.json; returns its path and its content."""
-    path, record = run.out / "results.json", results_record(run)
+    path, record = run.out / "results.json", results_record(run, curves)
     path.write_text(json.dumps(record, indent=1, allow_nan=False))
     return path, record

@@ -76,7 +76,10 @@ def _table(results: Mapping[str, Any]) -> CrossSiteTable:
 
 def findings(results: Mapping[str, Any]) -> list[Finding]:
     """The paper's finding, comparison by comparison, in one study's ``results.json`` content."""
-    table = _table(results)
+    return _findings(_table(results))
+
+
+def _findings(table: CrossSiteTable) -> list[Finding]:
     reference = table.reference
     fl = table.summary(reference, OVERALL).mean
     out = []
@@ -100,9 +103,8 @@ def findings(results: Mapping[str, Any]) -> list[Finding]:
     return out
 
 
-def _means(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def _means(table: CrossSiteTable) -> dict[str, dict[str, float]]:
     """{model: {"Overall": mean, external set: mean, ...}} of one seed."""
-    table = _table(results)
     columns = [OVERALL, *table.external_sets]
     return {model: {c: table.summary(model, c).mean for c in columns} for model in table.models}
 
@@ -116,12 +118,13 @@ def write_robustness(out: Path, per_seed: Mapping[int, Mapping[str, Any]]) -> tu
     if not per_seed:
         raise FedsegError("no seed has results to compare")
     seeds = sorted(per_seed)
-    by_seed = {s: findings(per_seed[s]) for s in seeds}
+    tables = {s: _table(per_seed[s]) for s in seeds}
+    by_seed = {s: _findings(tables[s]) for s in seeds}
     claims = [f.claim for f in by_seed[seeds[0]]]
     for s in seeds:
         if [f.claim for f in by_seed[s]] != claims:
             raise FedsegError(f"seed {s} compared other models or test sets than seed {seeds[0]}; see {seed_folder(out, s)}")
-    means = {s: _means(per_seed[s]) for s in seeds}
+    means = {s: _means(tables[s]) for s in seeds}
     record = {
         "seeds": seeds,
         "findings": {s: [asdict(f) for f in by_seed[s]] for s in seeds},

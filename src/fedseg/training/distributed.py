@@ -40,6 +40,7 @@ process group. Followers never destroy theirs: they exit with ``os._exit``.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -222,7 +223,7 @@ class DataParallel:
         for child in self.followers:
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 -- still running: reported as running
+            except subprocess.TimeoutExpired:  # still running: reported as running
                 pass
 
     def _followers_state(self) -> str:
