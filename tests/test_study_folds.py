@@ -44,8 +44,11 @@ def test_more_folds_than_the_smallest_site_has_are_capped_with_a_note(tmp_path, 
     assert any("study.folds = 5, but the smallest site has only 3 folds; using 3" in line for line in said)
 
 
-def test_default_is_every_fold_the_splits_have():
-    assert load_settings("demo").plan.folds is None and load_settings("paper").plan.folds is None
+def test_the_paper_keeps_every_fold_and_the_demo_says_its_k():
+    """The paper profile ensembles every fold (5); the demo's smaller k is named in its settings lines."""
+    assert load_settings("paper").plan.folds is None
+    demo = load_settings("demo")
+    assert demo.plan.folds == 2 and "ensembles: k-fold, k = 2" in demo.describe()
 
 
 @pytest.mark.parametrize("value", ["0", "2.5", '"two"'])

@@ -171,3 +171,21 @@ def test_bad_inputs_name_the_culprit(tmp_path: Path) -> None:
     wrong = ExampleSlice("a", "a07", ex.image, ex.truth[:5], ex.prediction, 0.5)
     with pytest.raises(FedsegError, match=r"site 'a', case 'a07'.*truth"):
         _write(tmp_path, examples=[wrong])
+
+
+def test_the_finding_is_a_section_of_both_reports(tmp_path: Path) -> None:
+    """The lines of finding_lines appear under their own heading, escaped in HTML; none given, no section."""
+    from fedseg.study.finding import finding_lines, findings
+
+    dice = _dice()
+    lines = finding_lines(findings({
+        "dice": dice, "test_sets": {"private": list(PRIVATE), "external": list(EXTERNAL)}, "reference": "fl",
+    }))
+    paths = _write(tmp_path, finding=lines)
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    assert "## The paper's finding in this study" in markdown and lines[0] in markdown
+    assert all(f"- {line}" in markdown for line in lines[1:]) and lines[1].startswith(("held: ", "NOT held: "))
+    html = paths["html"].read_text(encoding="utf-8")
+    assert "The paper&#x27;s finding in this study" in html and "fl &gt; private:" in html
+    plain = _write(tmp_path / "plain")["markdown"].read_text(encoding="utf-8")
+    assert "finding in this study" not in plain

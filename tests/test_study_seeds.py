@@ -9,13 +9,17 @@ import pytest
 
 from fedseg.errors import FedsegError
 from fedseg.study.profiles import load_settings
-from fedseg.study.seeds import findings, parse_seeds, write_robustness
+from fedseg.study.finding import findings
+from fedseg.study.seeds import parse_seeds, write_robustness
 
 SITES = ("nci", "suny", "ucla")
 
 
-def results(fl: float, private: float, external_private: float, pooled: float, seed: int = 0) -> dict:
-    """A results.json content: 5 test cases per site and 6 external cases, Dice around the given means."""
+def results(
+    fl: float, private: float, external_private: float, pooled: float, seed: int = 0, own_site_bonus: float = 0.1
+) -> dict:
+    """A results.json content: 5 test cases per site and 6 external cases, Dice around the given means
+    (a private model ``own_site_bonus`` higher on its own site: the domain shift)."""
     rng = np.random.default_rng(seed)
 
     def scores(mean: float, n: int, prefix: str) -> dict[str, float]:
@@ -24,7 +28,8 @@ def results(fl: float, private: float, external_private: float, pooled: float, s
     dice = {}
     for model, mean, ext in [("fl", fl, fl), ("pooled", pooled, pooled),
                              *((f"private:{s}", private, external_private) for s in SITES)]:
-        dice[model] = {s: scores(mean, 5, s) for s in SITES} | {"prostatex": scores(ext, 6, "px")}
+        bonus = {s: own_site_bonus if model == f"private:{s}" else 0.0 for s in SITES}
+        dice[model] = {s: scores(mean + bonus[s], 5, s) for s in SITES} | {"prostatex": scores(ext, 6, "px")}
     return {"dice": dice, "test_sets": {"private": list(SITES), "external": ["prostatex"]}, "reference": "fl"}
 
 
@@ -34,7 +39,16 @@ def test_a_clear_win_holds_every_comparison():
     assert claims[:3] == [f"fl > private:{s}, Overall, p < 0.05" for s in SITES]
     assert claims[3:6] == [f"fl > private:{s}, prostatex" for s in SITES]
     assert claims[6] == "fl >= pooled - 0.03, Overall"
+    assert claims[7] == "domain shift kept: >= 2 of 3 private models lose >= 0.05 away from their site"
     assert all(f.held for f in found), found
+
+
+def test_alike_institutions_fail_the_domain_shift_check():
+    """Private models as good away as at home: the study's sites no longer differ, which the report says."""
+    alike = findings(results(fl=0.88, private=0.70, external_private=0.65, pooled=0.89, own_site_bonus=0.0))[-1]
+    assert alike.claim.startswith("domain shift kept") and not alike.held
+    shifted = findings(results(fl=0.88, private=0.70, external_private=0.65, pooled=0.89, own_site_bonus=0.2))[-1]
+    assert shifted.held and "nci 0.9" in shifted.detail and "-> 0.7" in shifted.detail
 
 
 def test_a_loss_or_a_tie_does_not_hold():

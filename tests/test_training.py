@@ -339,3 +339,48 @@ def test_ahnet_patch_depth_must_be_a_multiple_of_32():
         with pytest.raises(FedsegError, match="multiple of"):
             TrainConfig(network="ahnet", patch_size=(128, 128, depth))
     TrainConfig(network="ahnet", patch_size=(128, 128, 64))
+
+
+# ----------------------------------------------------------------- plateau stopping
+
+
+def scripted_validation(monkeypatch, dice: list[float]) -> None:
+    """Every validation returns the next value of ``dice``: a plateau drawn by hand."""
+    values = iter(dice)
+    monkeypatch.setattr(LocalTrainer, "validate", lambda self: next(values))
+
+
+def test_training_stops_on_a_validation_plateau(tmp_path, monkeypatch):
+    """Best at epoch 2, then two epochs without better Dice: stop_patience = 2 ends the fold after epoch 4 of 10."""
+    scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.99])
+    outcome = train_fold(training_set(), tmp_path, config(epochs=10, stop_patience=2, augment=AugmentConfig.off()))
+    assert (outcome.epochs, outcome.best_epoch, outcome.best_val_dice, outcome.stopped_early) == (4, 2, 0.6, True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_a_stopped_fold_stays_stopped_and_a_longer_patience_continues_it(tmp_path, monkeypatch):
+    """Rerun with the same patience: nothing trains; with a longer one it resumes and stops on the new rule."""
+    cfg = config(epochs=12, stop_patience=2, augment=AugmentConfig.off())
+    scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.58])
+    train_fold(training_set(), tmp_path, cfg)
+    again = train_fold(training_set(), tmp_path, cfg)  # validate() would raise StopIteration if it ran
+    assert (again.epochs, again.resumed_from, again.stopped_early) == (4, 4, True)
+    scripted_validation(monkeypatch, [0.57, 0.7, 0.6, 0.6, 0.6, 0.6])
+    longer = train_fold(training_set(), tmp_path, cfg.replace(stop_patience=4))
+    assert (longer.epochs, longer.best_epoch, longer.best_val_dice, longer.stopped_early) == (10, 6, 0.7, True)
+
+
+def test_without_stop_patience_every_epoch_is_trained(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.9, 0.1, 0.1, 0.1])
+    outcome = train_fold(training_set(), tmp_path, config(epochs=4, augment=AugmentConfig.off()))
+    assert (outcome.epochs, outcome.stopped_early) == (4, False)
+
+
+def test_training_done_rule():
+    cfg = config(epochs=10, stop_patience=3)
+    assert not cfg.training_done(0, 0) and not cfg.training_done(5, 3) and cfg.training_done(6, 3)
+    assert cfg.training_done(10, 10) and not cfg.stopped_early(10, 2) and cfg.stopped_early(6, 3)
+    assert not config(epochs=10).training_done(9, 1)
+    with pytest.raises(FedsegError, match="stop_patience"):
+        config(stop_patience=0)

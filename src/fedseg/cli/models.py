@@ -101,7 +101,8 @@ def train(
         if outcome.resumed_from:
             console.print(f"fold {k}: resumed after epoch {outcome.resumed_from}")
         record_fold(out, outcome)
-        summary.add_row(str(k), f"{outcome.best_val_dice:.3f}", str(outcome.best_epoch), str(outcome.epochs), f"{outcome.seconds / 60:.1f}")
+        epochs = f"{outcome.epochs} (plateau)" if outcome.stopped_early else str(outcome.epochs)
+        summary.add_row(str(k), f"{outcome.best_val_dice:.3f}", str(outcome.best_epoch), epochs, f"{outcome.seconds / 60:.1f}")
     console.print(summary)
 
 

@@ -20,6 +20,7 @@ from fedseg.evaluation.dice import dice_coefficient
 from fedseg.federation.rundir import RunDir
 from fedseg.inference import Ensemble
 from fedseg.study.convergence import convergence_lines, epoch_dice, fold_curves
+from fedseg.study.finding import finding_lines, findings
 from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
 from fedseg.training.checkpoint import read_json
 
@@ -109,6 +110,7 @@ def write_study_report(run: StudyRun) -> None:
         "fedseg evaluate); the federated runs, with every round, their logs and each site's audit log, are in fl/.",
         "Step times (s): " + ", ".join(f"{step} {seconds:.0f}" for step, seconds in record["timings_s"].items()),
     ]
+    finding = finding_lines(findings(record))
     paths = write_report(
         run.out,
         title="fedseg study: federated vs private vs pooled prostate segmentation",
@@ -124,8 +126,10 @@ def write_study_report(run: StudyRun) -> None:
         examples=example_slices(run, dice),
         notes=notes,
         fold_curves=curves,
+        finding=finding,
     )
     run.say(tables_text(dice, private, external, reference="fl"))
+    run.say("the paper's finding in this study: " + "\n  ".join(finding))
     run.say(convergence_lines(curves)[0])
     run.say(f"report: {paths['markdown']} and {paths['html']}; every number in {results}")
 

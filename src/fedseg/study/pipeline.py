@@ -249,7 +249,10 @@ class StudyRun:
 
     def _fold_finished(self, model: str, fold: int) -> bool:
         record = read_json(self.model_dir(model) / "model.json")
-        return any(entry["fold"] == fold and entry["epochs"] >= self.settings.study.train.epochs for entry in record["folds"])
+        train = self.settings.study.train
+        return any(
+            entry["fold"] == fold and train.training_done(entry["epochs"], entry["best_epoch"]) for entry in record["folds"]
+        )
 
     def step_train(self) -> None:
         self._sites_ready()
@@ -272,8 +275,9 @@ class StudyRun:
             outcome = FoldOutcome(**result)
             record_fold(self.model_dir(model), outcome)
             resumed = f", resumed after epoch {outcome.resumed_from}" if outcome.resumed_from else ""
+            plateau = ", stopped on its validation plateau" if outcome.stopped_early else ""
             self.say(f"  {model} fold {outcome.fold}: best val Dice {outcome.best_val_dice:.3f} at epoch "
-                     f"{outcome.best_epoch}/{outcome.epochs} ({outcome.seconds:.0f} s{resumed})")
+                     f"{outcome.best_epoch}/{outcome.epochs} ({outcome.seconds:.0f} s{resumed}{plateau})")
 
     def _pool(self, job: str, specs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
         """Run study job ``job`` on every spec in ``plan.workers`` processes; yield results as they come."""

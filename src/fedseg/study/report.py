@@ -97,6 +97,7 @@ def write_report(
     examples: Sequence[ExampleSlice],
     notes: Sequence[str] = (),
     fold_curves: Sequence[FoldCurve] = (),
+    finding: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write tables, figures, ``report.md`` and ``report.html`` into ``out_dir``.
 
@@ -104,7 +105,8 @@ def write_report(
     ``"fl"``, ``"pooled"``); ``curves[site]`` the validation curves drawn in
     that site's panel; ``examples`` the slices of ``examples.png``;
     ``fold_curves`` every fold model's validation curve, for the convergence
-    section and one figure per model family.
+    section and one figure per model family; ``finding`` the lines of
+    :func:`fedseg.study.finding.finding_lines` (a section after the tables).
 
     Returns:
         ``{"markdown": report.md, "html": report.html, "figures": dir, "tables": dir}``.
@@ -132,9 +134,11 @@ def write_report(
     ]
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
     markdown_path.write_text(
-        _report_markdown(title, settings, table, figures, notes, out_dir, fold_curves, convergence), encoding="utf-8"
+        _report_markdown(title, settings, table, figures, notes, out_dir, fold_curves, convergence, finding), encoding="utf-8"
     )
-    html_path.write_text(_report_html(title, settings, table, figures, notes, fold_curves, convergence), encoding="utf-8")
+    html_path.write_text(
+        _report_html(title, settings, table, figures, notes, fold_curves, convergence, finding), encoding="utf-8"
+    )
     return {"markdown": markdown_path, "html": html_path, "figures": figures_dir, "tables": tables_dir}
 
 
@@ -384,6 +388,9 @@ def _example_panel(ax: plt.Axes, example: ExampleSlice) -> None:
 # ----- report.md --------------------------------------------------------------
 
 
+_FINDING_TITLE = "## The paper's finding in this study"
+
+
 def _report_markdown(
     title: str,
     settings: Sequence[str],
@@ -393,10 +400,14 @@ def _report_markdown(
     out_dir: Path,
     fold_curves: Sequence[FoldCurve] = (),
     convergence: Sequence[_Figure] = (),
+    finding: Sequence[str] = (),
 ) -> str:
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {s}" for s in settings] or ["No settings recorded."]
-    lines += ["", "## Cross-site Dice", "", _tables_markdown(table).rstrip("\n"), "", "## Figures"]
+    lines += ["", "## Cross-site Dice", "", _tables_markdown(table).rstrip("\n")]
+    if finding:
+        lines += ["", _FINDING_TITLE, "", finding[0], "", *(f"- {line}" for line in finding[1:])]
+    lines += ["", "## Figures"]
     lines += _figures_markdown(figures, out_dir)
     if fold_curves:
         lines += ["", "## Convergence", "", *convergence_lines(fold_curves), *_figures_markdown(convergence, out_dir)]
@@ -461,10 +472,14 @@ def _report_html(
     notes: Sequence[str],
     fold_curves: Sequence[FoldCurve] = (),
     convergence: Sequence[_Figure] = (),
+    finding: Sequence[str] = (),
 ) -> str:
     body = [f"<h1>{_e(title)}</h1>", "<h2>Settings</h2>", _html_list(settings, "No settings recorded.")]
     body += ["<h2>Cross-site Dice</h2>", *_html_tables(table), _html_footnote(table)]
-    body += [*_html_p_values(table), *_html_tests(table), "<h2>Figures</h2>"]
+    body += [*_html_p_values(table), *_html_tests(table)]
+    if finding:
+        body += [f"<h2>{_e(_FINDING_TITLE.removeprefix('## '))}</h2>", f"<p>{_e(finding[0])}</p>", _html_list(finding[1:], "")]
+    body += ["<h2>Figures</h2>"]
     body += [_html_figure(f) for f in figures]
     if fold_curves:
         body += ["<h2>Convergence</h2>", _html_convergence(fold_curves), *(_html_figure(f) for f in convergence)]

@@ -6,10 +6,7 @@ use seed N), then writes ``OUT/robustness.md`` and ``OUT/robustness.json``
 from the seeds' ``results.json``: for every comparison the finding is made
 of, whether it held in each seed and in how many, plus each seed's means.
 
-The comparisons are the paper's claims, with fixed thresholds written before
-any result was seen (issue #12): the FL model above every private model on the
-combined private test sets (paired t-test p < 0.05) and on every external
-set, and level with the pooled model (at most 0.03 below it, Overall).
+The comparisons are :mod:`fedseg.study.finding`'s.
 """
 
 from __future__ import annotations
@@ -17,31 +14,21 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
-from fedseg.evaluation.crosssite import OVERALL, CrossSiteTable, cross_site_table
+from fedseg.evaluation.crosssite import OVERALL, CrossSiteTable
+from fedseg.study.finding import Finding, findings_of_table, results_table
 
-__all__ = ["Finding", "findings", "parse_seeds", "seed_folder", "write_robustness"]
+__all__ = ["parse_seeds", "seed_folder", "write_robustness"]
 
-P_FINDING = 0.05
-POOLED_MARGIN = 0.03
 NUMERICS_NOTE = (
     "Per-case Dice depends on the floating-point kernels of the CPU or GPU that trained the models (on two "
     "CPUs, the same commit and seed moved per-case Dice by up to 0.2), so a finding is only as solid as the "
     "number of seeds it holds in; the spread across seeds below is the honest error bar."
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One comparison of one seed's study: what was claimed, whether it held, and the numbers."""
-
-    claim: str
-    held: bool
-    detail: str
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -67,42 +54,6 @@ def seed_folder(out: Path, seed: int) -> Path:
     return Path(out) / f"seed-{seed}"
 
 
-def _table(results: Mapping[str, Any]) -> CrossSiteTable:
-    sets = results["test_sets"]
-    return cross_site_table(
-        results["dice"], private_sets=sets["private"], external_sets=sets["external"], reference=results["reference"]
-    )
-
-
-def findings(results: Mapping[str, Any]) -> list[Finding]:
-    """The paper's finding, comparison by comparison, in one study's ``results.json`` content."""
-    return _findings(_table(results))
-
-
-def _findings(table: CrossSiteTable) -> list[Finding]:
-    reference = table.reference
-    fl = table.summary(reference, OVERALL).mean
-    out = []
-    for model in table.models[:-1]:
-        if model.startswith("private:"):
-            other, test = table.summary(model, OVERALL).mean, table.tests[(model, OVERALL)]
-            held = fl > other and test.p is not None and test.p < P_FINDING
-            p = "p undefined" if test.p is None else f"p = {test.p:.3g}"
-            out.append(Finding(f"{reference} > {model}, Overall, p < {P_FINDING:g}", held, f"{fl:.3f} vs {other:.3f}, {p}"))
-    for external in table.external_sets:
-        fl_ext = table.summary(reference, external).mean
-        for model in table.models[:-1]:
-            if model.startswith("private:"):
-                other = table.summary(model, external).mean
-                out.append(Finding(f"{reference} > {model}, {external}", fl_ext > other, f"{fl_ext:.3f} vs {other:.3f}"))
-    if "pooled" in table.models:
-        pooled = table.summary("pooled", OVERALL).mean
-        out.append(Finding(
-            f"{reference} >= pooled - {POOLED_MARGIN:g}, Overall", fl >= pooled - POOLED_MARGIN, f"{fl:.3f} vs {pooled:.3f}"
-        ))
-    return out
-
-
 def _means(table: CrossSiteTable) -> dict[str, dict[str, float]]:
     """{model: {"Overall": mean, external set: mean, ...}} of one seed."""
     columns = [OVERALL, *table.external_sets]
@@ -118,8 +69,8 @@ def write_robustness(out: Path, per_seed: Mapping[int, Mapping[str, Any]]) -> tu
     if not per_seed:
         raise FedsegError("no seed has results to compare")
     seeds = sorted(per_seed)
-    tables = {s: _table(per_seed[s]) for s in seeds}
-    by_seed = {s: _findings(tables[s]) for s in seeds}
+    tables = {s: results_table(per_seed[s]) for s in seeds}
+    by_seed = {s: findings_of_table(tables[s]) for s in seeds}
     claims = [f.claim for f in by_seed[seeds[0]]]
     for s in seeds:
         if [f.claim for f in by_seed[s]] != claims:

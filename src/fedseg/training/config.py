@@ -46,6 +46,9 @@ class TrainConfig:
             transforms on the CPU: fedseg's engine before 0.2, kept for comparison).
         val_every: validate every k epochs (and after the last); the paper: 1.
             The learning-rate schedule counts validations, not epochs.
+        stop_patience: stop a fold once its best validation Dice is this many
+            epochs old (a plateau), before ``epochs``; None = always ``epochs``.
+            Federated rounds are the server's and do not stop early.
         device: ``auto`` (CUDA when available, else the CPU), ``cpu``,
             ``cuda``, ``cuda:N`` or ``mps``.
         amp: mixed precision (bf16 where the GPU has it, else fp16 with a
@@ -77,6 +80,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_engine: str = "batched"
     val_every: int = 1
+    stop_patience: int | None = None
     device: str = "auto"
     amp: bool | None = None
     channels_last: bool = True
@@ -99,6 +103,8 @@ class TrainConfig:
             raise FedsegError(f"train.augment_engine must be one of {', '.join(AUGMENT_ENGINES)}, got {self.augment_engine!r}")
         if type(self.val_every) is not int or self.val_every < 1:
             raise FedsegError(f"train.val_every must be an integer >= 1, got {self.val_every!r}")
+        if self.stop_patience is not None and (type(self.stop_patience) is not int or self.stop_patience < 1):
+            raise FedsegError(f"train.stop_patience must be an integer >= 1 (epochs), got {self.stop_patience!r}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise FedsegError(f"train.device must be {DEVICE_CHOICES}, got {self.device!r}")
         if self.amp is not None and not isinstance(self.amp, bool):
@@ -111,6 +117,16 @@ class TrainConfig:
     def without_machine_options(self) -> dict[str, Any]:
         """:meth:`to_dict` less the options each machine chooses for itself."""
         return without_machine_options(self.to_dict())
+
+    def training_done(self, epoch: int, best_epoch: int) -> bool:
+        """After ``epoch`` completed epochs with the best validation Dice at ``best_epoch`` (0: none yet)."""
+        if epoch >= self.epochs:
+            return True
+        return self.stop_patience is not None and best_epoch > 0 and epoch - best_epoch >= self.stop_patience
+
+    def stopped_early(self, epoch: int, best_epoch: int) -> bool:
+        """Training ended on a validation plateau before ``epochs``."""
+        return epoch < self.epochs and self.training_done(epoch, best_epoch)
 
     @property
     def patch(self) -> tuple[int, int, int]:

@@ -52,6 +52,7 @@ class FoldOutcome:
     seconds: float
     resumed_from: int  # 0 when started fresh
     hardware: dict[str, Any] | None = None  # device, amp and processes that trained it (None: not recorded)
+    stopped_early: bool = False  # ended on a validation plateau (``stop_patience``) before ``epochs``
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,20 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder / "tensorboard"))
 
 
+_HOW_LONG = ("epochs", "stop_patience")  # when to stop, not what is trained: may change on resume
+
+
 def config_differences(recorded: dict[str, Any], config: TrainConfig) -> list[str]:
     """Options that differ between a recorded run and ``config`` (resuming needs none).
 
-    More epochs are fine, and so are the machine options (another device or
-    thread count); an option the recorded run predates must have its default.
+    More epochs or another plateau patience are fine, and so are the machine
+    options (another device or thread count); an option the recorded run
+    predates must have its default.
     """
     defaults, now = TrainConfig().to_dict(), config.to_dict()
     return sorted(
         key for key, value in now.items()
-        if key != "epochs" and key not in MACHINE_OPTIONS and recorded.get(key, defaults[key]) != value
+        if key not in _HOW_LONG and key not in MACHINE_OPTIONS and recorded.get(key, defaults[key]) != value
     )
 
 
@@ -183,7 +188,8 @@ def train_fold(
     tensorboard: bool = False,
     parallel: DataParallel | None = None,
 ) -> FoldOutcome:
-    """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs.
+    """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs
+    (fewer when ``config.stop_patience`` epochs pass without a better validation Dice).
 
     With ``parallel`` (this process being rank 0), the group's processes
     train every epoch together and this one validates and checkpoints.
@@ -208,7 +214,7 @@ def train_fold(
         "train_cases": [c.case_id for c in training.train],
         "val_cases": [c.case_id for c in training.val],
     }
-    while trainer.epoch < config.epochs:
+    while not config.training_done(trainer.epoch, best_epoch):
         last = trainer.epoch + 1 >= config.epochs
         result = trainer.run_epoch(validate=True if last else None)  # every val_every epochs, and the last
         log.append(result)
@@ -231,7 +237,8 @@ def train_fold(
         if on_epoch is not None:
             on_epoch(result)
     return FoldOutcome(
-        fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from, hardware_record(trainer)
+        fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from, hardware_record(trainer),
+        config.stopped_early(trainer.epoch, best_epoch),
     )
 
 
@@ -282,6 +289,7 @@ def record_fold(model_dir: Path, outcome: FoldOutcome) -> None:
             "best_val_dice": outcome.best_val_dice,
             "best_epoch": outcome.best_epoch,
             "epochs": outcome.epochs,
+            **({"stopped_early": True} if outcome.stopped_early else {}),
             **({"trained_with": outcome.hardware} if outcome.hardware else {}),
         }
     )
