@@ -167,3 +167,29 @@ def test_prepare_whole_real_site_via_cli(shared_data, tmp_path, run_cli):
     splits = load_splits(dst / "splits.json")
     assert len(splits.test) == 1 and len(splits.folds) == 4
     assert run_cli("data", "check", dst)[0] == 0
+
+
+def test_percentile_normalisation_is_robust_to_a_few_bright_voxels():
+    """A coil flare of 0.1 % of voxels at 100x the tissue squashes the plain z-score's contrast, not the clipped one."""
+    from fedseg.data.preprocess import zscore
+
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(100.0, 10.0, (40, 40, 20)).astype(np.float32)
+    tissue[:20] += 40.0  # two tissues, 4 SD apart
+    flared = tissue.copy()
+    flared.flat[rng.choice(flared.size, flared.size // 1000, replace=False)] = 10_000.0
+
+    def contrast(image):
+        return float(image[:20].mean() - image[20:].mean())
+
+    plain, clipped = zscore(flared), zscore(flared, (0.5, 99.5))
+    assert contrast(clipped) > 1.5 and contrast(plain) < 0.3
+    assert abs(float(clipped.mean())) < 1e-4 and abs(float(clipped.std()) - 1.0) < 1e-3
+    assert contrast(zscore(tissue, (0.5, 99.5))) == pytest.approx(contrast(zscore(tissue)), rel=0.02)  # clean: same
+
+
+def test_unknown_normalisation_is_named():
+    from fedseg.errors import DataError
+
+    with pytest.raises(DataError, match="prepare.normalize must be one of zscore, percentile"):
+        PrepareConfig(normalize="minmax")

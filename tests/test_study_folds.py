@@ -81,3 +81,16 @@ def test_the_settings_name_the_local_epochs_per_round(tmp_path):
     path.write_text("[federation]\nrounds = 8\nlocal_epochs = 2\n")
     assert any("FL: 8 rounds of 2 local epochs" in line for line in load_settings("demo", path).describe())
     assert any("rounds of one local epoch" in line for line in load_settings("demo").describe())
+
+
+def test_small_sites_get_a_tip_for_the_small_sites_profile(tmp_path, sites):
+    """Sites of a few training cases trained from scratch: the study names the profile that starts from the phantom."""
+    _run, said = prepared_run(tmp_path, sites, 2)
+    tips = [line for line in said if "tip:" in line]
+    assert len(tips) == 1 and "only 3 training cases" in tips[0] and "--profile small-sites" in tips[0]
+    small = load_settings("small-sites")
+    assert small.study.train.init == "phantom" and small.plan.folds == 2
+    run = StudyRun(tmp_path / "out-small", small, StudySources(tuple(sites)), say=(said := []).append)
+    run.step_prepare()
+    assert not [line for line in said if "tip:" in line]
+    assert any("starting weights: trained by fedseg on its own phantom" in line for line in small.describe(False))

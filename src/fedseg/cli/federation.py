@@ -9,11 +9,16 @@ separate processes (:mod:`fedseg.federation.local`). :func:`register` adds
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from fedseg.cli.console import console
 from fedseg.cli.models import DEVICE_HELP, GPUS_HELP, PROCESSES_HELP
+
+if TYPE_CHECKING:  # imported where used: `fedseg --help` stays fast
+    from fedseg.data.preprocess import PrepareConfig
+    from fedseg.training.config import TrainConfig
 
 
 def provision(
@@ -53,10 +58,13 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _numpy_state(network: str, seed: int) -> dict:
+def _initial_global_weights(train: TrainConfig, prepare: PrepareConfig, cache: Path) -> dict:
+    """Round 0's global model: the seeded initialisation, or the phantom starting weights (``init = "phantom"``)."""
     from fedseg.models import build_model
+    from fedseg.training.pretrain import starting_weights
 
-    return {k: v.detach().cpu().numpy().copy() for k, v in build_model(network, seed=seed).state_dict().items()}
+    state = starting_weights(train, prepare, cache, say=console.print) or build_model(train.network, seed=train.seed).state_dict()
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
 def server(
@@ -69,6 +77,9 @@ def server(
     fold: int = typer.Option(0, help="Cross-validation fold the sites train (recorded in the run)."),
     rounds: int | None = typer.Option(None, min=1, help="Number of rounds (overrides federation.rounds)."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+    cache: Path = typer.Option(
+        Path.home() / ".cache" / "fedseg", help="Folder for cached starting weights (train.init = phantom)."
+    ),
 ) -> None:
     """Run the federated server: wait for the sites, aggregate every round, keep final and best models."""
     import asyncio
@@ -114,7 +125,7 @@ def server(
     train = study.train if threads is None else study.train.replace(threads=threads)
     _threads(train.threads)
     aggregator = federation.make_aggregator()
-    weights, first_round = _numpy_state(train.network, train.seed), 0
+    weights, first_round = _initial_global_weights(train, study.prepare, cache), 0
     if resume is not None:
         point = run.resume_point()
         if point is not None:

@@ -66,6 +66,7 @@ def train(
     from fedseg.training.data import SiteData
     from fedseg.training.distributed import place_training
     from fedseg.training.fit import fold_training_set, model_record, open_model_dir, record_fold, train_fold
+    from fedseg.training.pretrain import phantom_provenance, starting_weights
 
     if fold is not None and all_folds:
         raise FedsegError("--fold and --all-folds exclude each other")
@@ -79,7 +80,9 @@ def train(
     splits = site.require_splits()
     folds = [fold] if fold is not None else list(range(len(splits.folds)))
     splits.fold(folds[0])  # clear error for a fold that does not exist
-    open_model_dir(out, model_record(train_config, prepare, [{"site": site.name, "source": str(site.source)}]))
+    init = starting_weights(train_config, prepare, cache, say=console.print)
+    trained_on = [{"site": site.name, "source": str(site.source)}]
+    open_model_dir(out, model_record(train_config, prepare, trained_on, phantom_provenance(train_config, prepare, cache)))
     data = SiteData(site, train_config.patch)
     console.print(f"training on {placement.describe()}")
     summary = Table("fold", "best val Dice", "best epoch", "epochs", "minutes", title=f"{site.name} → {out}")
@@ -97,6 +100,7 @@ def train(
                 on_epoch=lambda r: advance(_epoch_label(r)),
                 tensorboard=tensorboard,
                 parallel=parallel,
+                init_weights=init,
             )
         if outcome.resumed_from:
             console.print(f"fold {k}: resumed after epoch {outcome.resumed_from}")

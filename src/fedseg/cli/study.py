@@ -14,7 +14,7 @@ def study(
     site_dirs: list[Path] | None = typer.Argument(None, help="Site folders (at least two), e.g. after --sites; none: synthetic institutions.", show_default=False),
     sites: bool = typer.Option(False, "--sites", help="Use the SITE_DIRS given as arguments: fedseg study --sites A B C --external X."),
     out: Path = typer.Option(Path("fedseg-study"), "--out", help="Folder for everything the study writes (a rerun continues it)."),
-    profile: str = typer.Option("demo", help="demo (11-13 min on 2 CPU cores) or paper (the paper's protocol, for a GPU)."),
+    profile: str = typer.Option("demo", help="demo (synthetic sites, about 8 min on 2 CPU cores), small-sites (--sites of a few cases each: starts from weights learnt on fedseg's phantom) or paper (the paper's protocol, for a GPU)."),
     external: Path | None = typer.Option(None, help="External test set folder (with --sites)."),
     config: Path | None = typer.Option(None, help="study.toml overriding the profile: tables study, federation, train, prepare."),
     steps: str = typer.Option(",".join(("data", "prepare", "train", "federate", "evaluate", "report")), help="Steps to run, in order."),

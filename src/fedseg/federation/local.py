@@ -177,7 +177,9 @@ def run_fold(
     if threads is not None:
         common += ["--threads", str(threads)]
     where = ["--resume", run_dir] if resuming else ["--out", run_dir]
-    server_args: list[str | Path] = ["server", "--kit", kits / "server", *where, "--host", "127.0.0.1", "--port", str(port), *common]
+    server_args: list[str | Path] = [
+        "server", "--kit", kits / "server", *where, "--host", "127.0.0.1", "--port", str(port), "--cache", cache, *common,
+    ]
     if rounds is not None:
         server_args += ["--rounds", str(rounds)]
     processes = _Processes()

@@ -103,4 +103,4 @@ def domain_shift(table: CrossSiteTable) -> dict[str, tuple[float, float, float]]
 def finding_lines(found: list[Finding]) -> list[str]:
     """One line per comparison, for the console and the report: held or not, and the numbers."""
     held = sum(f.held for f in found)
-    return [f"{held} of {len(found)} held:", *(("held: " if f.held else "NOT held: ") + f"{f.claim} ({f.detail})" for f in found)]
+    return [f"{held} of {len(found)} checks held:", *(("held: " if f.held else "NOT held: ") + f"{f.claim} ({f.detail})" for f in found)]

@@ -23,6 +23,7 @@ from fedseg.training.config import TrainConfig
 from fedseg.training.checkpoint import dumps_json, loads_json
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import train_fold, training_set
+from fedseg.training.pretrain import starting_weights
 
 __all__ = ["JOBS", "evaluate_job", "synth_job", "train_job"]
 
@@ -42,10 +43,11 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig.from_dict(spec["train"])
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    sites, _ = _sites(spec)
+    sites, prepare = _sites(spec)
     fold = int(spec["fold"])
     training = training_set(sites, fold, config.patch)
-    outcome = train_fold(training, Path(spec["model_dir"]) / f"fold{fold}", config, fold=fold)
+    init = starting_weights(config, prepare, Path(spec["cache"]))  # made by the pipeline before the jobs
+    outcome = train_fold(training, Path(spec["model_dir"]) / f"fold{fold}", config, fold=fold, init_weights=init)
     return {"model": spec["model"], **asdict(outcome)}
 
 

@@ -46,6 +46,9 @@ from fedseg.training.checkpoint import read_json, write_json
 from fedseg.training.config import without_machine_options
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
+from fedseg.training.pretrain import phantom_provenance, starting_weights
+
+SMALL_SITES_TRAIN_CASES = 10  # below this many training cases at a site, suggest the small-sites profile
 
 __all__ = ["STEPS", "StudyRun", "StudySources"]
 
@@ -208,6 +211,11 @@ class StudyRun:
             warning = small_site_warning(site.name, len(splits.train) + len(splits.test))
             if warning:
                 self.say(f"  warning: {warning}")
+        smallest = min(len(site.require_splits().train) for site in self.sites)
+        if smallest < SMALL_SITES_TRAIN_CASES and self.settings.study.train.init == "random":
+            self.say(f"  tip: a site here has only {smallest} training cases; models trained from scratch on so few "
+                     "are poor (docs/results.md). --profile small-sites starts every model from weights fedseg "
+                     "trains on its own phantom institutions ([train] init = \"phantom\")")
         wanted = self.settings.plan.folds
         if wanted is not None and wanted > folds:
             self.say(f"  note: study.folds = {wanted}, but the smallest site has only {folds} folds; using {folds}")
@@ -234,7 +242,14 @@ class StudyRun:
 
     def _open_model(self, model: str, sites: list[PreparedSite]) -> None:
         trained_on = [{"site": s.name, "source": str(s.source)} for s in sites]
-        open_model_dir(self.model_dir(model), model_record(self.settings.study.train, self.settings.study.prepare, trained_on))
+        train, prepare = self.settings.study.train, self.settings.study.prepare
+        init = phantom_provenance(train, prepare, self.out / "cache")
+        open_model_dir(self.model_dir(model), model_record(train, prepare, trained_on, init))
+
+    def _starting_weights(self) -> None:
+        """Make the phantom starting weights (``init = "phantom"``) once, here, before the workers need them."""
+        train = self.settings.study.train.replace(threads=None)  # nothing else runs meanwhile: every core
+        starting_weights(train, self.settings.study.prepare, self.out / "cache", say=self.say)
 
     def _train_spec(self, model: str, sites: list[PreparedSite], fold: int) -> dict[str, Any]:
         return {
@@ -256,6 +271,7 @@ class StudyRun:
 
     def step_train(self) -> None:
         self._sites_ready()
+        self._starting_weights()
         groups = {private_model(s.name): [s] for s in self.sites} | {POOLED: list(self.sites)}
         jobs = []
         for model, sites in groups.items():
@@ -292,6 +308,7 @@ class StudyRun:
         if done and done.get("folds") == folds and (self.model_dir(FL) / "model.json").is_file():
             self.say("federate: FL ensemble already trained (skipped)")
             return
+        self._starting_weights()  # the server starts the global model from them
         federation = self.settings.study.federation
         self.say(f"federate: {len(folds)} folds x {federation.rounds} rounds, {federation.aggregator}, "
                  f"server + {len(self.sites)} site processes over mutual TLS on 127.0.0.1")

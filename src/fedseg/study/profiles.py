@@ -22,6 +22,10 @@ Profiles:
   (private and pooled folds stop after 8 epochs without a better validation
   Dice), the full BigAug stack. Each choice and every budget tried, with
   times and Dice: docs/results.md.
+* ``small-sites`` — for ``--sites`` of a few cases each (e.g. PROMISE12's 5):
+  the demo's network and voxels, starting from weights fedseg trains on its
+  own phantom institutions (``init = "phantom"``), 16 crops per case per
+  epoch, 60 epochs/rounds with plateau stopping, 2-fold ensembles.
 * ``paper`` — Sarma et al.'s protocol: 100 cases per site, 1 mm, AH-Net,
   300 epochs and rounds; meant for a GPU machine.
 """
@@ -109,9 +113,12 @@ class Settings:
         return [
             f"profile: {self.profile}",
             *(data if synthetic else []),
-            f"preprocessing: {prepare.spacing_mm:g} mm isotropic, z-score",
+            f"preprocessing: {prepare.spacing_mm:g} mm isotropic, "
+            + ("z-score" if prepare.normalize == "zscore" else "z-score after clipping to the 0.5-99.5th percentiles"),
             f"network: {train.network}, patch {'x'.join(map(str, train.patch))}, batch {train.batch_size}, "
             f"{train.samples_per_volume} crops per case per epoch, Adam lr {train.learning_rate:g}",
+            *(["starting weights: trained by fedseg on its own phantom institutions (init = phantom, "
+                "cached; model.json records how)"] if train.init == "phantom" else []),
             f"augmentation: stacked transformations (BigAug, {train.augment_engine}), elastic deformation "
             + (f"p = {train.augment.elastic_prob:g}" if train.augment.elastic_prob > 0 else "off"),
             "ensembles: " + (f"k-fold, k = {self.plan.folds}" if self.plan.folds else "one model per fold of the splits"),
@@ -158,6 +165,7 @@ class Settings:
 
 
 _DEMO_EPOCHS = 30  # chosen by measurement (docs/results.md, 2026-12-02): FL's curve flattens by round ~25
+_SMALL_SITES_EPOCHS = 60  # 3 training cases per fold: epochs are short, the prior does most of the work
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "study": {"cases": 40, "external_cases": 16, "resolution_scale": 2.0, "workers": 2, "folds": 2},
@@ -173,6 +181,22 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "threads": 1,
         },
         "federation": {"rounds": _DEMO_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
+    },
+    "small-sites": {  # for --sites of a few cases each (docs/results.md: PROMISE12, 4 sites x 5 cases)
+        "study": {"workers": 2, "folds": 2},
+        "prepare": {"spacing_mm": 4.0},
+        "train": {
+            "network": "unet-small",
+            "epochs": _SMALL_SITES_EPOCHS,
+            "patch_size": [24, 24, 16],
+            "samples_per_volume": 16,
+            "learning_rate": 1e-2,
+            "lr_patience": 4,
+            "stop_patience": 15,
+            "init": "phantom",
+            "threads": 1,
+        },
+        "federation": {"rounds": _SMALL_SITES_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
     },
     "paper": {
         "study": {"cases": 100, "external_cases": 40, "resolution_scale": 1.0, "workers": 1},

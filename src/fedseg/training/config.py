@@ -20,6 +20,7 @@ from fedseg.training.augment import AugmentConfig
 from fedseg.training.device import DEVICE_CHOICES, DEVICE_PATTERN
 
 AUGMENT_ENGINES = ("batched", "monai")
+INIT_CHOICES = ("random", "phantom")
 MACHINE_OPTIONS = ("threads", "device", "amp", "channels_last", "loader_workers")
 """Options that say how this machine computes, not what: never compared across machines or on resume."""
 
@@ -46,6 +47,10 @@ class TrainConfig:
             transforms on the CPU: fedseg's engine before 0.2, kept for comparison).
         val_every: validate every k epochs (and after the last); the paper: 1.
             The learning-rate schedule counts validations, not epochs.
+        init: the starting weights: ``random`` (seeded initialisation) or
+            ``phantom`` (trained by fedseg on its own synthetic institutions,
+            cached; see :mod:`fedseg.training.pretrain`): a shape prior for
+            sites of a few cases.
         stop_patience: stop a fold once its best validation Dice is this many
             epochs old (a plateau), before ``epochs``; None = always ``epochs``.
             Federated rounds are the server's and do not stop early.
@@ -80,6 +85,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_engine: str = "batched"
     val_every: int = 1
+    init: str = "random"
     stop_patience: int | None = None
     device: str = "auto"
     amp: bool | None = None
@@ -103,6 +109,8 @@ class TrainConfig:
             raise FedsegError(f"train.augment_engine must be one of {', '.join(AUGMENT_ENGINES)}, got {self.augment_engine!r}")
         if type(self.val_every) is not int or self.val_every < 1:
             raise FedsegError(f"train.val_every must be an integer >= 1, got {self.val_every!r}")
+        if self.init not in INIT_CHOICES:
+            raise FedsegError(f"train.init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
         if self.stop_patience is not None and (type(self.stop_patience) is not int or self.stop_patience < 1):
             raise FedsegError(f"train.stop_patience must be an integer >= 1 (epochs), got {self.stop_patience!r}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):

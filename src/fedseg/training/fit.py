@@ -187,18 +187,24 @@ def train_fold(
     on_epoch: Callable[[EpochResult], None] | None = None,
     tensorboard: bool = False,
     parallel: DataParallel | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
 ) -> FoldOutcome:
     """Train (or resume) one fold model into ``fold_dir`` for ``config.epochs`` epochs
     (fewer when ``config.stop_patience`` epochs pass without a better validation Dice).
 
     With ``parallel`` (this process being rank 0), the group's processes
     train every epoch together and this one validates and checkpoints.
+    ``init_weights``: where a new fold starts (``init = "phantom"``, see
+    :func:`fedseg.training.pretrain.starting_weights`); a resumed fold continues from its checkpoint.
     """
     start = time.perf_counter()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    trainer = LocalTrainer(build_model(config.network, seed=config.seed), training.train, training.val, config, parallel=parallel)
+    model = build_model(config.network, seed=config.seed)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)  # before the trainer: data-parallel followers copy rank 0's weights
+    trainer = LocalTrainer(model, training.train, training.val, config, parallel=parallel)
     previous = _resume(trainer, fold_dir, config, training.fingerprint)
     log = MetricsLog(fold_dir, tensorboard)
     log.truncate_after(trainer.epoch)  # rows written after the checkpoint (or before any) are stale
@@ -242,8 +248,10 @@ def train_fold(
     )
 
 
-def model_record(config: TrainConfig, prepare: PrepareConfig, trained_on: list[dict[str, str]]) -> dict[str, Any]:
-    """The content of ``model.json`` before any fold is trained."""
+def model_record(
+    config: TrainConfig, prepare: PrepareConfig, trained_on: list[dict[str, str]], init: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The content of ``model.json`` before any fold is trained; ``init``: the starting weights' provenance."""
     return {
         "format": MODEL_FORMAT,
         "fedseg_version": __version__,
@@ -260,6 +268,7 @@ def model_record(config: TrainConfig, prepare: PrepareConfig, trained_on: list[d
         "ensemble": "mean of the fold models' softmax probabilities, threshold 0.5",
         "train_config": config.to_dict(),
         "trained_on": trained_on,
+        **({"init": init} if init is not None else {}),
         "folds": [],
     }
 
