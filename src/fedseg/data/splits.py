@@ -117,7 +117,7 @@ def small_site_warning(site: str, n_cases: int) -> str | None:
         "to vary from fold to fold (on 5-case PROMISE12 sites, private folds reached validation Dice 0.03-0.46), "
         f"and its test set ({len(splits.test)} case(s)) to give the paired t-tests no power; its cases still "
         "help the federated and pooled models. `fedseg study --profile small-sites` starts every model from "
-        "weights fedseg trains on its own phantom (on those PROMISE12 sites: FL Dice 0.41 -> 0.78)."
+        "weights fedseg trains on its own phantom (on those PROMISE12 sites: FL Dice 0.41 -> 0.68-0.78)."
     )
 
 
