@@ -125,15 +125,15 @@ def server(
     train = study.train if threads is None else study.train.replace(threads=threads)
     _threads(train.threads)
     aggregator = federation.make_aggregator()
-    weights, first_round = _initial_global_weights(train, study.prepare, cache), 0
-    if resume is not None:
-        point = run.resume_point()
-        if point is not None:
-            weights, first_round = point.global_weights, point.completed_rounds
-            if point.server_optimizer is not None and hasattr(aggregator, "load_state_dict"):
-                aggregator.load_state_dict(point.server_optimizer)
-            console.print(f"resuming after round {first_round - 1} ({first_round} completed)")
-    else:
+    point = run.resume_point() if resume is not None else None
+    if point is not None:
+        weights, first_round = point.global_weights, point.completed_rounds
+        if point.server_optimizer is not None and hasattr(aggregator, "load_state_dict"):
+            aggregator.load_state_dict(point.server_optimizer)
+        console.print(f"resuming after round {first_round - 1} ({first_round} completed)")
+    else:  # only now: with init = "phantom" the round-0 model may first have to be trained (minutes)
+        weights, first_round = _initial_global_weights(train, study.prepare, cache), 0
+    if resume is None:
         record = {
             "sites": sites, "rounds": federation.rounds, "aggregator": federation.aggregator,
             "server_optimizer": federation.server_optimizer, "min_sites": federation.quorum(len(sites)),

@@ -86,18 +86,18 @@ def domain_shift(table: CrossSiteTable) -> dict[str, tuple[float, float, float]]
 
     Only private models named ``private:<set>`` after one of the private test sets count.
     """
-    shift = {}
+    shift: dict[str, tuple[float, float, float]] = {}
+    if len(table.private_sets) < 2:
+        return shift  # no site to be away at
     for model in table.models:
         own_set = model.removeprefix("private:")
-        if not model.startswith("private:") or own_set not in table.private_sets or len(table.private_sets) < 2:
+        if not model.startswith("private:") or own_set not in table.private_sets:
             continue
         own = table.summary(model, own_set).mean
         away = [table.summary(model, other) for other in table.private_sets if other != own_set]
         away_mean = sum(s.mean * s.n for s in away) / sum(s.n for s in away)  # case-weighted, like Overall
         shift[model] = (own, away_mean, own - away_mean)
     return shift
-
-
 
 
 def finding_lines(found: list[Finding]) -> list[str]:

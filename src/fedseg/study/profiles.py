@@ -166,37 +166,32 @@ class Settings:
 
 _DEMO_EPOCHS = 30  # chosen by measurement (docs/results.md, 2026-12-02): FL's curve flattens by round ~25
 _SMALL_SITES_EPOCHS = 60  # 3 training cases per fold: epochs are short, the prior does most of the work
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "demo": {
-        "study": {"cases": 40, "external_cases": 16, "resolution_scale": 2.0, "workers": 2, "folds": 2},
-        "prepare": {"spacing_mm": 4.0},
-        "train": {
-            "network": "unet-small",
-            "epochs": _DEMO_EPOCHS,
-            "patch_size": [24, 24, 16],
-            "samples_per_volume": 4,
-            "learning_rate": 1e-2,
-            "lr_patience": 4,
-            "stop_patience": 8,
-            "threads": 1,
-        },
-        "federation": {"rounds": _DEMO_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
+_DEMO: dict[str, dict[str, Any]] = {
+    "study": {"cases": 40, "external_cases": 16, "resolution_scale": 2.0, "workers": 2, "folds": 2},
+    "prepare": {"spacing_mm": 4.0},
+    "train": {
+        "network": "unet-small",
+        "epochs": _DEMO_EPOCHS,
+        "patch_size": [24, 24, 16],
+        "samples_per_volume": 4,
+        "learning_rate": 1e-2,
+        "lr_patience": 4,
+        "stop_patience": 8,
+        "threads": 1,
     },
-    "small-sites": {  # for --sites of a few cases each (docs/results.md: PROMISE12, 4 sites x 5 cases)
+    "federation": {"rounds": _DEMO_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
+}
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "demo": _DEMO,
+    # for --sites of a few cases each (docs/results.md: PROMISE12, 4 sites x 5 cases): the demo's network and
+    # voxels, from the phantom prior, with more crops per case and more epochs
+    "small-sites": {
         "study": {"workers": 2, "folds": 2},
-        "prepare": {"spacing_mm": 4.0},
+        "prepare": dict(_DEMO["prepare"]),
         "train": {
-            "network": "unet-small",
-            "epochs": _SMALL_SITES_EPOCHS,
-            "patch_size": [24, 24, 16],
-            "samples_per_volume": 16,
-            "learning_rate": 1e-2,
-            "lr_patience": 4,
-            "stop_patience": 15,
-            "init": "phantom",
-            "threads": 1,
+            **_DEMO["train"], "epochs": _SMALL_SITES_EPOCHS, "samples_per_volume": 16, "stop_patience": 15, "init": "phantom",
         },
-        "federation": {"rounds": _SMALL_SITES_EPOCHS, "round_timeout_s": 600.0, "grace_s": 30.0},
+        "federation": {**_DEMO["federation"], "rounds": _SMALL_SITES_EPOCHS},
     },
     "paper": {
         "study": {"cases": 100, "external_cases": 40, "resolution_scale": 1.0, "workers": 1},

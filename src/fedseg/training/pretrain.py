@@ -4,9 +4,10 @@ Sites of a few cases cannot train a 3-D network from scratch (on the shared
 PROMISE12 sites, 3 training cases per fold: private Dice 0.2-0.3). A shape
 prior helps, and fedseg makes one itself, without any download: it
 synthesises three phantom institutions (NCI, SUNY, UCLA, docs/sites.md),
-prepares them exactly as the study's own data (same voxel size), trains one
-pooled model with the study's network, patch and optimiser settings, and
-caches the weights with their provenance::
+prepares them exactly as the study's own data (same voxel size and
+normalisation), trains one pooled model with the study's network and patch
+(the recipe's optimiser settings, :data:`PHANTOM_RECIPE`), and caches the
+weights with their provenance::
 
     CACHE/init/phantom-<key>/weights.safetensors   the starting weights
     CACHE/init/phantom-<key>/provenance.json       recipe, validation Dice, time, fedseg version
@@ -37,10 +38,11 @@ from fedseg.data.site_profiles import get_profile
 from fedseg.data.synth import synthesize_site
 from fedseg.errors import FedsegError
 from fedseg.training.checkpoint import load_weights, save_weights, write_json
-from fedseg.training.config import INIT_CHOICES, MACHINE_OPTIONS, TrainConfig
+from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import SiteData, resolve_site
+from fedseg.training.fit import TrainingSet, train_fold
 
-__all__ = ["INIT_CHOICES", "PHANTOM_RECIPE", "phantom_provenance", "starting_weights"]
+__all__ = ["PHANTOM_RECIPE", "phantom_provenance", "starting_weights"]
 
 PHANTOM_RECIPE: dict[str, Any] = {
     "sites": ["nci", "suny", "ucla"],
@@ -117,8 +119,6 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _make(config: TrainConfig, prepare: PrepareConfig, folder: Path, say: Callable[[str], None]) -> None:
-    from fedseg.training.fit import TrainingSet, train_fold  # fit imports this module's caller chain
-
     start = time.perf_counter()
     recipe = PHANTOM_RECIPE
     work = folder.with_name(folder.name + ".work")
