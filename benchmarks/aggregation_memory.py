@@ -65,10 +65,10 @@ from round_overhead import (  # the shared instrumented server and helpers
 
 from model_layouts import parse_tokens  # noqa: E402
 
-from fedseg.federation import wire
-from fedseg.federation.provision import load_kit
-from fedseg.federation.tls import client_context
-from fedseg.federation.wire import Message, MessageType
+from fedseg.federation.protocol import wire
+from fedseg.federation.deploy.provision import load_kit
+from fedseg.federation.transport.tls import client_context
+from fedseg.federation.protocol.wire import Message, MessageType
 
 GB = 1e9
 

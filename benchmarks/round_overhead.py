@@ -71,10 +71,10 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
 
-from fedseg.federation import wire
-from fedseg.federation.provision import load_kit, provision_study
-from fedseg.federation.tls import client_context, server_context
-from fedseg.federation.wire import Message, MessageType
+from fedseg.federation.protocol import wire
+from fedseg.federation.deploy.provision import load_kit, provision_study
+from fedseg.federation.transport.tls import client_context, server_context
+from fedseg.federation.protocol.wire import Message, MessageType
 
 RESULTS = Path(__file__).parent / "results"
 SERVER_HOST = "127.0.0.1"
@@ -204,14 +204,14 @@ def serve_study(cfg: dict[str, Any]) -> None:
     """
     quiet_logging()
     from fedseg.federation import strategies
-    from fedseg.federation.rounds import (
+    from fedseg.federation.protocol.rounds import (
         RoundCompleted,
         RoundsConfig,
         SendTrain,
         StudyDone,
     )
-    from fedseg.federation.rundir import RunDir
-    from fedseg.federation.server import run_server
+    from fedseg.federation.deploy.rundir import RunDir
+    from fedseg.federation.transport.server import run_server
 
     log: dict[str, Any] = {"add": [], "validate_s": [], "finish_s": [], "commit_s": [], "rounds": {}}
     original_validate = strategies.validate_update
@@ -339,7 +339,7 @@ def overhead_client(cfg: dict[str, Any]) -> None:
     quiet_logging()
     import torch
 
-    from fedseg.federation.client import run_client
+    from fedseg.federation.transport.client import run_client
 
     torch.set_num_threads(1)
     trainer = SleepTrainer(float(cfg["sleep"]))

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedseg.federation import wire
-from fedseg.federation.rundir import _save_tensors
+from fedseg.federation.protocol import wire
+from fedseg.federation.deploy.rundir import _save_tensors
 from fedseg.federation.strategies import Update, make_aggregator, validate_update
-from fedseg.federation.wire import Message, MessageType
+from fedseg.federation.protocol.wire import Message, MessageType
 from fedseg.models import build_model
 
 

@@ -11,7 +11,7 @@ from conftest import ellipsoid_case, oblique_affine
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.data.volume import Volume, load_volume, save_volume
 from fedseg.errors import FedsegError
-from fedseg.evaluation.dice import dice_coefficient
+from fedseg.metrics import dice_coefficient
 from fedseg.evaluation.evaluate import evaluate_site
 from fedseg.inference import Ensemble
 from fedseg.models import build_model

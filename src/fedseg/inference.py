@@ -20,25 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
 from fedseg.data.preprocess import PrepareConfig, preprocess_case, resample_to_grid
 from fedseg.data.volume import Volume
 from fedseg.errors import FedsegError
-from fedseg.models import build_model
-from fedseg.training.checkpoint import MODEL_JSON, load_weights, read_json
+from fedseg.models import build_model, sliding_window_logits
+from fedseg.training.checkpoint import MODEL_JSON, load_weights
+from fedseg.io import read_json
 from fedseg.training.device import Hardware
 
 CPU = Hardware(torch.device("cpu"))
-
-
-def sliding_window_logits(
-    model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], sw_batch_size: int, overlap: float
-) -> torch.Tensor:
-    """Logits (1, C, X, Y, Z) of a (1, 1, X, Y, Z) volume; volumes smaller than a patch are padded."""
-    return sliding_window_inference(image, patch, sw_batch_size, model, overlap=overlap, mode="gaussian")
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

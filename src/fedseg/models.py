@@ -9,6 +9,9 @@ background, channel 1 prostate).
 | `unet-small` | MONAI UNet, channels 8-16-32-64      |     0.15 M | CPU demo default            |
 | `unet`       | MONAI UNet, channels 16-32-64-128-256|     4.8 M  | larger CPU/GPU runs         |
 | `ahnet`      | MONAI AHNet (3-D AH-Net, the paper)  |      38 M  | paper protocol, GPU         |
+
+Also the two conversions between a model's weights and the numpy arrays the
+federation protocol carries (:func:`weights_to_numpy`, :func:`weights_from_numpy`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.networks.nets import AHNet, UNet
 from torch import nn
 
@@ -81,3 +86,20 @@ def check_patch(name: str, patch: tuple[int, int, int]) -> None:
     multiple = network_spec(name).patch_multiple
     if len(patch) != 3 or any(p <= 0 or p % m for p, m in zip(patch, multiple)):
         raise FedsegError(f"patch size {tuple(patch)} does not suit {name}: each axis must be a multiple of {multiple}")
+
+
+def sliding_window_logits(
+    model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], sw_batch_size: int, overlap: float
+) -> torch.Tensor:
+    """Logits (1, C, X, Y, Z) of a (1, 1, X, Y, Z) volume; volumes smaller than a patch are padded."""
+    return sliding_window_inference(image, patch, sw_batch_size, model, overlap=overlap, mode="gaussian")
+
+
+def weights_to_numpy(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A state dict as numpy arrays on the CPU (copies: later training never changes them)."""
+    return {name: tensor.detach().cpu().numpy().copy() for name, tensor in weights.items()}
+
+
+def weights_from_numpy(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Writable torch copies of numpy arrays (received or read-only memory-mapped arrays are never aliased)."""
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in arrays.items()}

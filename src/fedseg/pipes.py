@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from fedseg.errors import FedsegError
-from fedseg.training.checkpoint import dumps_json, loads_json
+from fedseg.io import dumps_json, loads_json
 
 __all__ = ["ChildEnded", "JsonLinesChild", "free_port"]
 

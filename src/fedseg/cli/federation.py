@@ -2,7 +2,7 @@
 
 ``provision`` writes certificates and start-up kits; ``server`` and ``client``
 are the two sides of a real deployment; ``federate`` runs both locally as
-separate processes (:mod:`fedseg.federation.local`). :func:`register` adds
+separate processes (:mod:`fedseg.federation.deploy.local`). :mod:`fedseg.cli.main` adds
 ``server``, ``client`` and ``federate`` to the ``fedseg`` app.
 """
 
@@ -30,7 +30,7 @@ def provision(
     study: str = typer.Option("fedseg-study", help="Study name written into every kit."),
 ) -> None:
     """Create a study CA, a server certificate and one client certificate per site, as start-up kits."""
-    from fedseg.federation.provision import provision_study
+    from fedseg.federation.deploy.provision import provision_study
 
     kits = provision_study(server_name, [s.strip() for s in sites.split(",") if s.strip()], out, days=days, study=study, port=port)
     for name, folder in kits.items():
@@ -90,12 +90,12 @@ def server(
 
     from fedseg.data.preprocess import PrepareConfig
     from fedseg.errors import FedsegError
-    from fedseg.federation.provision import load_kit
-    from fedseg.federation.rounds import RoundsConfig
-    from fedseg.federation.rundir import RunDir
-    from fedseg.federation.server import run_server
-    from fedseg.federation.study import FederationConfig, StudyConfig, load_study_config
-    from fedseg.training.checkpoint import read_json
+    from fedseg.federation.deploy.provision import load_kit
+    from fedseg.federation.protocol.rounds import RoundsConfig
+    from fedseg.federation.deploy.rundir import RunDir
+    from fedseg.federation.transport.server import run_server
+    from fedseg.federation.config import FederationConfig, StudyConfig, load_study_config
+    from fedseg.io import read_json
     from fedseg.training.config import TrainConfig
 
     if (out is None) == (resume is None):
@@ -202,10 +202,10 @@ def client(
 
     from fedseg.cli.models import _resolve
     from fedseg.errors import FedsegError
-    from fedseg.federation.client import run_client
-    from fedseg.federation.provision import load_kit
-    from fedseg.federation.site import SiteOutputs
-    from fedseg.federation.study import load_study_config
+    from fedseg.federation.transport.client import run_client
+    from fedseg.federation.deploy.provision import load_kit
+    from fedseg.site import SiteOutputs
+    from fedseg.federation.config import load_study_config
     from fedseg.models import build_model
     from fedseg.training.data import SiteData
     from fedseg.training.distributed import place_training
@@ -264,8 +264,8 @@ def federate(
 
     from fedseg.cli.models import _resolve
     from fedseg.errors import FedsegError
-    from fedseg.federation.local import run_local, site_names
-    from fedseg.federation.study import load_study_config
+    from fedseg.federation.deploy.local import run_local, site_names
+    from fedseg.federation.config import load_study_config
 
     if fold is not None and all_folds:
         raise FedsegError("--fold and --all-folds exclude each other")
@@ -296,19 +296,3 @@ def federate(
         summary.add_row(str(run.fold), str(run.rounds), str(run.best_round), f"{run.best_dice:.4f}", f"{run.seconds / 60:.1f}")
     console.print(summary)
     console.print(f"[green]wrote[/] FL model {out / 'model'} (use 'fedseg predict' / 'fedseg evaluate'); logs in {out / 'logs'}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``server``, ``client`` and ``federate`` to the ``fedseg`` app (once)."""
-    present = {c.name or (c.callback.__name__ if c.callback else None) for c in app.registered_commands}
-    for command in (server, client, federate):
-        if command.__name__ not in present:
-            app.command()(command)
-
-
-def main() -> None:
-    """``fedseg`` with the federation commands registered (used by 'fedseg federate' for its processes)."""
-    from fedseg.cli import main as cli_main
-
-    register(cli_main.app)
-    cli_main.main()

@@ -30,9 +30,11 @@ for command in (
     model_commands.evaluate,
     model_commands.tables,
     federation_commands.provision,
+    federation_commands.server,
+    federation_commands.client,
+    federation_commands.federate,
 ):
     app.command()(command)
-federation_commands.register(app)  # fedseg server | client | federate
 
 
 def _show_version(value: bool) -> None:

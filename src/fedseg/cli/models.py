@@ -62,7 +62,7 @@ def train(
     """Train a private model on one site: one fold, or the five-fold ensemble (resumes if interrupted)."""
     from dataclasses import asdict
 
-    from fedseg.federation.study import load_study_config
+    from fedseg.federation.config import load_study_config
     from fedseg.training.data import SiteData
     from fedseg.training.distributed import place_training
     from fedseg.training.fit import fold_training_set, model_record, open_model_dir, record_fold, train_fold
@@ -177,7 +177,7 @@ def evaluate(
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Dice per case on the original grid, and mean ± SD."""
-    from fedseg.evaluation.dice import format_mean_sd, summarize
+    from fedseg.metrics import format_mean_sd, summarize
     from fedseg.evaluation.evaluate import cases_of, evaluate_site
     from fedseg.inference import Ensemble
 

@@ -8,7 +8,7 @@ from fedseg.evaluation.crosssite import (
     paired_t_test,
     write_tables,
 )
-from fedseg.evaluation.dice import Summary, dice_coefficient, format_mean_sd, summarize
+from fedseg.metrics import Summary, dice_coefficient, format_mean_sd, summarize
 
 __all__ = [
     "OVERALL",

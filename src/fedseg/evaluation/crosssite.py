@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats
 
 from fedseg.errors import DataError
-from fedseg.evaluation.dice import Summary, format_mean_sd, summarize
+from fedseg.metrics import Summary, format_mean_sd, summarize
 
 __all__ = [
     "HIGHER_MARK",

@@ -14,7 +14,7 @@ from typing import Literal
 
 from fedseg.data.layout import gland_mask
 from fedseg.data.volume import load_volume
-from fedseg.evaluation.dice import dice_coefficient
+from fedseg.metrics import dice_coefficient
 from fedseg.inference import Ensemble
 from fedseg.training.data import PreparedSite
 

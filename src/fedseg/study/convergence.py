@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.federation.rundir import RunDir
+from fedseg.federation.deploy.rundir import RunDir
 
 if TYPE_CHECKING:
     from fedseg.study.pipeline import StudyRun

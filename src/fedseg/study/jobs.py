@@ -20,7 +20,7 @@ import torch
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.training.config import TrainConfig
-from fedseg.training.checkpoint import dumps_json, loads_json
+from fedseg.io import dumps_json, loads_json
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import train_fold, training_set
 from fedseg.training.pretrain import starting_weights

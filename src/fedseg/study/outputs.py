@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedseg import __version__
 from fedseg.data.layout import gland_mask
 from fedseg.data.volume import load_volume
-from fedseg.evaluation.dice import dice_coefficient
-from fedseg.federation.rundir import RunDir
+from fedseg.metrics import dice_coefficient
+from fedseg.federation.deploy.rundir import RunDir
 from fedseg.inference import Ensemble
-from fedseg.study.convergence import convergence_lines, epoch_dice, fold_curves
+from fedseg.io import read_json, write_json
+from fedseg.study.convergence import FoldCurve, convergence_lines, epoch_dice, fold_curves
 from fedseg.study.finding import finding_lines, findings
 from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
-from fedseg.training.checkpoint import read_json
 
 if TYPE_CHECKING:
     from fedseg.study.pipeline import StudyRun
@@ -99,8 +101,6 @@ def example_slices(run: StudyRun, dice: dict[str, dict[str, dict[str, float]]]) 
 
 def write_study_report(run: StudyRun) -> None:
     """results.json, the report and its figures; prints the two tables."""
-    from fedseg.study.pipeline import write_results
-
     curves = fold_curves(run)
     results, record = write_results(run, curves)
     dice = record["dice"]
@@ -157,3 +157,40 @@ def _sources(run: StudyRun) -> list[str]:
     if run.sources.external is not None:
         lines.append(f"external: {run.sources.external}")
     return lines
+
+
+def results_record(run: StudyRun, curves: Sequence[FoldCurve]) -> dict[str, Any]:
+    """The content of results.json: every per-case Dice, and how it was obtained."""
+    dice = run.dice()
+    return {
+        "fedseg_version": __version__,
+        "settings": run.settings.to_dict(),
+        "sources": run.sources.to_dict(),
+        "models": {model: f"models/{model}" for model in run.models},
+        "test_sets": {
+            "private": [s.name for s in run.sites],
+            "external": [run.external.name] if run.external else [],
+        },
+        "folds": run.n_folds,
+        "dice": dice,
+        "timings_s": {**{k: read_json(p)["seconds"] for k, p in _step_files(run.out)}, **run.timings},
+        "reference": "fl",
+        "n_test_cases": {name: len(dice["fl"][name]) for name in run.test_sets()},
+        "convergence": [
+            {"model": c.model, "fold": c.fold, "best_val_dice": c.best, "best_at": c.best_at, "of": c.x[-1],
+             "tail_mean": c.tail_mean, "converged": c.converged}
+            for c in curves
+        ],
+    }
+
+
+def _step_files(out: Path) -> list[tuple[str, Path]]:
+    folder = out / "steps"
+    return [(p.stem, p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def write_results(run: StudyRun, curves: Sequence[FoldCurve]) -> tuple[Path, dict[str, Any]]:
+    """Write results.json; returns its path and its content."""
+    path, record = run.out / "results.json", results_record(run, curves)
+    write_json(path, record)
+    return path, record

@@ -25,10 +25,9 @@ Layout of ``OUT``::
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,11 @@ from fedseg import __version__
 from fedseg.data.layout import discover_site
 from fedseg.data.splits import small_site_warning
 from fedseg.errors import FedsegError
-from fedseg.federation.local import run_local, site_names
-from fedseg.federation.study import settings_differences
-from fedseg.study.convergence import FoldCurve
+from fedseg.federation.deploy.local import run_local, site_names
+from fedseg.federation.protocol.settings import settings_differences
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
-from fedseg.training.checkpoint import read_json, write_json
+from fedseg.io import read_json, write_json
 from fedseg.training.config import without_machine_options
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
@@ -386,40 +384,3 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """A settings record less what may change between runs of one study: version, threads, device and the like."""
     train = without_machine_options(record.get("train", {}))
     return {**{k: v for k, v in record.items() if k != "fedseg_version"}, "train": train}
-
-
-def results_record(run: StudyRun, curves: Sequence[FoldCurve]) -> dict[str, Any]:
-    """The content of results.json: every per-case Dice, and how it was obtained."""
-    dice = run.dice()
-    return {
-        "fedseg_version": __version__,
-        "settings": run.settings.to_dict(),
-        "sources": run.sources.to_dict(),
-        "models": {model: f"models/{model}" for model in run.models},
-        "test_sets": {
-            "private": [s.name for s in run.sites],
-            "external": [run.external.name] if run.external else [],
-        },
-        "folds": run.n_folds,
-        "dice": dice,
-        "timings_s": {**{k: read_json(p)["seconds"] for k, p in _step_files(run.out)}, **run.timings},
-        "reference": FL,
-        "n_test_cases": {name: len(dice[FL][name]) for name in run.test_sets()},
-        "convergence": [
-            {"model": c.model, "fold": c.fold, "best_val_dice": c.best, "best_at": c.best_at, "of": c.x[-1],
-             "tail_mean": c.tail_mean, "converged": c.converged}
-            for c in curves
-        ],
-    }
-
-
-def _step_files(out: Path) -> list[tuple[str, Path]]:
-    folder = out / "steps"
-    return [(p.stem, p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def write_results(run: StudyRun, curves: Sequence[FoldCurve]) -> tuple[Path, dict[str, Any]]:
-    """Write results.json; returns its path and its content."""
-    path, record = run.out / "results.json", results_record(run, curves)
-    path.write_text(json.dumps(record, indent=1, allow_nan=False))
-    return path, record

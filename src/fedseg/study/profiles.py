@@ -1,7 +1,7 @@
 """The study's settings: a named profile, overridden key by key from ``study.toml``.
 
 ``study.toml`` has the tables of a federated study (``[federation]``,
-``[train]``, ``[prepare]``; see :mod:`fedseg.federation.study`) plus
+``[train]``, ``[prepare]``; see :mod:`fedseg.federation.config`) plus
 ``[study]`` (:class:`StudyPlan`). A profile supplies a value for every key;
 the file only changes the keys it names::
 
@@ -40,7 +40,7 @@ from typing import Any
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
-from fedseg.federation.study import FederationConfig, StudyConfig, read_toml
+from fedseg.federation.config import FederationConfig, StudyConfig, read_toml
 from fedseg.study.seeds import check_seeds
 from fedseg.training.config import TrainConfig
 from fedseg.training.device import resolve_hardware

@@ -38,7 +38,7 @@ from fedseg.evaluation.crosssite import (
     cross_site_table,
     write_tables,
 )
-from fedseg.evaluation.dice import format_mean_sd
+from fedseg.metrics import format_mean_sd
 from fedseg.study.convergence import FoldCurve, convergence_lines
 
 __all__ = ["P_FLAG", "Curve", "ExampleSlice", "tables_text", "write_report"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedseg.errors import FedsegError
 from fedseg.pipes import STOP_TIMEOUT_S, JsonLinesChild
-from fedseg.training.checkpoint import loads_json
+from fedseg.io import loads_json
 
 __all__ = ["run_jobs"]
 

@@ -13,9 +13,6 @@ mid-write never leaves a half checkpoint under the real name.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +20,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedseg.errors import FedsegError
+from fedseg.io import commit_file, partial_path, read_json, write_json
 
 SIDECAR_FORMAT = 1
 MODEL_JSON = "model.json"  # how to use a model directory (written by fit, read by inference)
-
-
-def _atomic(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def commit_file(tmp: Path, path: Path) -> None:
-    """Make ``tmp`` durable, then put it in place of ``path`` (and make the rename durable).
-
-    The rename alone survives ``kill -9``; the fsyncs make a commit survive a
-    power loss too, so a state file never names a round whose weights were lost.
-    """
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     """Write a flat tensor dict as safetensors, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    tmp = _atomic(path)
+    tmp = partial_path(path)
     save_file(tensors, str(tmp))
     commit_file(tmp, path)
 
@@ -63,55 +41,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - SafetensorError derives from Exception only
         raise FedsegError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-
-
-FLOAT_TAG = "$float"  # {"$float": "-inf"}: unambiguous, a plain string "inf" stays a string
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats tagged: strict JSON has no Infinity (the scheduler's mode_worse is -inf)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {FLOAT_TAG: repr(value)}  # 'inf', '-inf', 'nan'
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _json_restore(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {FLOAT_TAG} and value[FLOAT_TAG] in ("inf", "-inf", "nan"):
-        return float(value[FLOAT_TAG])
-    if isinstance(value, dict):
-        return {k: _json_restore(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_restore(v) for v in value]
-    return value
-
-
-def dumps_json(data: Any, indent: int | None = None) -> str:
-    """Strict JSON text, non-finite floats tagged; one line unless ``indent`` (e.g. for a pipe)."""
-    return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
-
-
-def loads_json(text: str) -> Any:
-    """The inverse of :func:`dumps_json`."""
-    return _json_restore(json.loads(text))
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Strict JSON, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic(path)
-    tmp.write_text(dumps_json(data, indent=1))
-    commit_file(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return loads_json(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FedsegError(f"{path}: cannot read JSON ({exc})") from exc
 
 
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

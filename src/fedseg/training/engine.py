@@ -35,8 +35,8 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from fedseg.errors import FedsegError
-from fedseg.evaluation.dice import dice_coefficient
-from fedseg.inference import sliding_window_logits
+from fedseg.metrics import dice_coefficient
+from fedseg.models import sliding_window_logits
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import CaseArrays
 from fedseg.training.device import Hardware, resolve_hardware, to_cpu

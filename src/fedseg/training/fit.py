@@ -29,7 +29,8 @@ from fedseg import __version__
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.models import build_model
-from fedseg.training.checkpoint import MODEL_JSON, load_checkpoint, read_json, save_checkpoint, write_json
+from fedseg.training.checkpoint import MODEL_JSON, load_checkpoint, save_checkpoint
+from fedseg.io import read_json, write_json
 from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import CaseArrays, PreparedSite, SiteData
 from fedseg.training.engine import EpochResult, LocalTrainer

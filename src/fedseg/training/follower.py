@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
-from fedseg.training.checkpoint import dumps_json, loads_json
+from fedseg.io import dumps_json, loads_json
 from fedseg.training.device import Hardware, resolve_hardware
 from fedseg.training.distributed import FollowerSpec, error_reply, join_as_follower, process_threads
 

@@ -37,7 +37,8 @@ from fedseg.data.preprocess import PrepareConfig
 from fedseg.data.site_profiles import get_profile
 from fedseg.data.synth import synthesize_site
 from fedseg.errors import FedsegError
-from fedseg.training.checkpoint import load_weights, save_weights, write_json
+from fedseg.training.checkpoint import load_weights, save_weights
+from fedseg.io import write_json
 from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import SiteData, resolve_site
 from fedseg.training.fit import TrainingSet, train_fold

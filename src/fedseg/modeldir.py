@@ -1,0 +1,1 @@
+"""The model-directory format: model.json and its fold entries (written by training and local mode, read by inference)."""
