@@ -9,7 +9,7 @@ rounds with the dice-weighted aggregator against lightweight sites: a few
 client processes (``--client-procs``), each hosting several sites as asyncio
 tasks, every site with its own kit and mutual-TLS WebSocket connection. A
 site speaks the protocol as ``run_client`` does (HELLO, then for each TRAIN an
-UPDATE made by ``wire.to_frames``) but trains nothing: it sends the model's
+UPDATE made by ``to_frames``) but trains nothing: it sends the model's
 initial weights with val Dice 0.8. At most ``--upload-concurrency`` sites
 upload at the same time (0: all at once), so that the comparison between
 site counts measures what the server keeps per site, not how many 150 MB
@@ -65,10 +65,12 @@ from round_overhead import (  # the shared instrumented server and helpers
 
 from model_layouts import parse_tokens  # noqa: E402
 
-from fedseg.federation.protocol import wire
-from fedseg.federation.deploy.provision import load_kit
+from fedseg.federation.protocol.chunks import Reassembler, to_frames
+from fedseg.federation.protocol.constants import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from fedseg.federation.protocol.frames import encode
+from fedseg.federation.transport.kit import load_kit
 from fedseg.federation.transport.tls import client_context
-from fedseg.federation.protocol.wire import Message, MessageType
+from fedseg.federation.protocol.schemas import Message, MessageType
 
 GB = 1e9
 
@@ -84,11 +86,11 @@ async def _acquire(semaphore: Any) -> None:
 async def _one_site(kit_dir: str, port: int, weights: dict[str, np.ndarray], semaphore: Any, stats: dict[str, Any]) -> None:
     kit = load_kit(Path(kit_dir))
     async with connect(
-        f"wss://{SERVER_HOST}:{port}", ssl=client_context(kit), max_size=wire.DEFAULT_MAX_FRAME,
+        f"wss://{SERVER_HOST}:{port}", ssl=client_context(kit), max_size=DEFAULT_MAX_FRAME,
         compression=None, ping_interval=None, open_timeout=300,
     ) as ws:
-        await ws.send(wire.encode(Message(MessageType.HELLO, site=kit.name, body={"versions": [wire.PROTOCOL_VERSION]})))
-        reassembler = wire.Reassembler()
+        await ws.send(encode(Message(MessageType.HELLO, site=kit.name, body={"versions": [PROTOCOL_VERSION]})))
+        reassembler = Reassembler()
         async for frame in ws:
             if isinstance(frame, str):
                 raise TypeError("the server sent a text frame")
@@ -104,7 +106,7 @@ async def _one_site(kit_dir: str, port: int, weights: dict[str, np.ndarray], sem
                 try:
                     start = time.perf_counter()
                     update = Message(MessageType.UPDATE, round=number, site=kit.name, body=UPDATE_BODY, tensors=weights)
-                    for piece in wire.to_frames(update):
+                    for piece in to_frames(update):
                         await ws.send(piece)
                     stats["updates"] += 1
                     stats["upload_s"].append(time.perf_counter() - start)

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +178,7 @@ def ddp_scaling(config: TrainConfig, cases: list[CaseArrays], work: Path, epochs
     for gpus in range(1, torch.cuda.device_count() + 1):
         placement = place_training(config.replace(device="cuda"), gpus=gpus if gpus > 1 else None)
         training = training_set([site], 0, config.patch, validation=False)
-        with placement.group([str(site.prepared)], 0, asdict(prepare), str(work / "cache")) as parallel:
+        with placement.group([str(site.prepared)], 0, prepare.to_dict(), str(work / "cache")) as parallel:
             trainer = LocalTrainer(build_model(config.network, seed=0), training.train, [], placement.config, parallel=parallel)
             trainer.train_one_epoch()
             trainer.epoch += 1

@@ -30,7 +30,7 @@ open): three site processes connected at once, the server (one thread per
 connection) sends each site the TRAIN's wire bytes and reads back the
 UPDATE's, median of ``--floor-reps`` repetitions.
 
-Wire bytes per site per round are the sizes of the frames ``wire.to_frames``
+Wire bytes per site per round are the sizes of the frames ``to_frames``
 makes for TRAIN and UPDATE (WebSocket framing adds 10-14 bytes per frame,
 TLS ~0.1-0.2 %); ratio = wire / (2 x raw tensor bytes), target <= 1.01.
 
@@ -71,10 +71,11 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
 
-from fedseg.federation.protocol import wire
-from fedseg.federation.deploy.provision import load_kit, provision_study
+from fedseg.federation.protocol.chunks import to_frames
+from fedseg.federation.deploy.provision import provision_study
+from fedseg.federation.transport.kit import load_kit
 from fedseg.federation.transport.tls import client_context, server_context
-from fedseg.federation.protocol.wire import Message, MessageType
+from fedseg.federation.protocol.schemas import Message, MessageType
 
 RESULTS = Path(__file__).parent / "results"
 SERVER_HOST = "127.0.0.1"
@@ -107,11 +108,11 @@ def raw_bytes(weights: dict[str, np.ndarray]) -> int:
 
 
 def wire_sizes(weights: dict[str, np.ndarray], site: str) -> tuple[int, int, int, int]:
-    """(TRAIN bytes, TRAIN frames, UPDATE bytes, UPDATE frames) as ``wire.to_frames`` makes them."""
-    frames = wire.to_frames(Message(MessageType.TRAIN, round=1, body={"epochs": 1}, tensors=weights))
+    """(TRAIN bytes, TRAIN frames, UPDATE bytes, UPDATE frames) as ``to_frames`` makes them."""
+    frames = to_frames(Message(MessageType.TRAIN, round=1, body={"epochs": 1}, tensors=weights))
     down = (sum(len(f) for f in frames), len(frames))
     del frames
-    frames = wire.to_frames(Message(MessageType.UPDATE, round=1, site=site, body=UPDATE_BODY, tensors=weights))
+    frames = to_frames(Message(MessageType.UPDATE, round=1, site=site, body=UPDATE_BODY, tensors=weights))
     up = (sum(len(f) for f in frames), len(frames))
     return down[0], down[1], up[0], up[1]
 
@@ -203,7 +204,8 @@ def serve_study(cfg: dict[str, Any]) -> None:
     the peak (VmHWM, ru_maxrss) at the end.
     """
     quiet_logging()
-    from fedseg.federation import strategies
+    from fedseg.federation.strategies import WeightedMean
+    from fedseg.federation.strategies import mean as strategy_mean
     from fedseg.federation.protocol.rounds import (
         RoundCompleted,
         RoundsConfig,
@@ -214,7 +216,7 @@ def serve_study(cfg: dict[str, Any]) -> None:
     from fedseg.federation.transport.server import run_server
 
     log: dict[str, Any] = {"add": [], "validate_s": [], "finish_s": [], "commit_s": [], "rounds": {}}
-    original_validate = strategies.validate_update
+    original_validate = strategy_mean.validate_update
 
     def timed_validate(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -223,9 +225,9 @@ def serve_study(cfg: dict[str, Any]) -> None:
         finally:
             log["validate_s"].append(time.perf_counter() - start)
 
-    strategies.validate_update = timed_validate  # Aggregator.add looks it up in the module: time its share
+    strategy_mean.validate_update = timed_validate  # WeightedMean.add looks it up in its module: time its share
 
-    class TimedAggregator(strategies.DiceWeighted):
+    class TimedAggregator(WeightedMean):
         def add(self, update: Any) -> float:
             start = time.perf_counter()
             raw = super().add(update)
@@ -248,7 +250,7 @@ def serve_study(cfg: dict[str, Any]) -> None:
             # housekeeping (not timed): keep the disk bounded; the server only reads back the
             # last round (resume) and the best one (final step)
             previous = self.round_folder(completed.round - 1) / "global.safetensors"
-            if completed.round >= 1 and self.state().get("best_round") != completed.round - 1:
+            if completed.round >= 1 and self.read_state().best_round != completed.round - 1:
                 previous.unlink(missing_ok=True)
             return folder
 
@@ -274,7 +276,7 @@ def serve_study(cfg: dict[str, Any]) -> None:
     run_dir = TimedRunDir.create(Path(cfg["run_dir"]), {"benchmark": True, "sites": list(sites), "rounds": cfg["rounds"]})
     config = RoundsConfig(sites=sites, rounds=int(cfg["rounds"]), min_sites=len(sites), evaluate=False)
     study = run_server(
-        kit, run_dir, config, TimedAggregator(), initial,
+        kit, run_dir, config, TimedAggregator("dice-weighted"), initial,
         host=SERVER_HOST, port=int(cfg["port"]), round_timeout_s=float(cfg["round_timeout_s"]), grace_s=60.0,
         on_event=on_event,
     )
@@ -318,7 +320,7 @@ class SleepTrainer:
 
         start = time.perf_counter()
         if weights is not None:
-            self.weights = weights  # run_client hands over writable copies
+            self.weights = weights  # TorchParticipant hands over writable copies
         with torch.no_grad():
             for tensor in self.weights.values():
                 if tensor.is_floating_point():
@@ -340,6 +342,7 @@ def overhead_client(cfg: dict[str, Any]) -> None:
     import torch
 
     from fedseg.federation.transport.client import run_client
+    from fedseg.site import TorchParticipant
 
     torch.set_num_threads(1)
     trainer = SleepTrainer(float(cfg["sleep"]))
@@ -347,7 +350,7 @@ def overhead_client(cfg: dict[str, Any]) -> None:
     port = int(cfg["port"])
     wait_listening(port, None, 300)
     url = f"wss://{SERVER_HOST}:{port}"
-    asyncio.run(run_client(kit, trainer, server_url=url, audit_log=Path(cfg["audit"]), retries=5, retry_delay_s=0.5))
+    asyncio.run(run_client(kit, TorchParticipant(trainer), server_url=url, audit_log=Path(cfg["audit"]), retries=5, retry_delay_s=0.5))
     Path(cfg["result"]).write_text(json.dumps({"epochs": trainer.epoch, "max_work_s": trainer.max_work_s}))
 
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedseg.federation.protocol import wire
+from fedseg.federation.protocol.chunks import Reassembler, to_frames
 from fedseg.federation.deploy.rundir import _save_tensors
 from fedseg.federation.strategies import Update, make_aggregator, validate_update
-from fedseg.federation.protocol.wire import Message, MessageType
+from fedseg.federation.protocol.schemas import Message, MessageType
 from fedseg.models import build_model
 
 
@@ -52,10 +52,10 @@ def main() -> None:
         return result
 
     frames = add("encode TRAIN: safetensors + CHUNK frames",
-                 lambda: wire.to_frames(Message(MessageType.TRAIN, round=1, body={"epochs": 1}, tensors=weights)))
+                 lambda: to_frames(Message(MessageType.TRAIN, round=1, body={"epochs": 1}, tensors=weights)))
 
     def receive() -> Message | None:
-        reassembler, message = wire.Reassembler(), None
+        reassembler, message = Reassembler(), None
         for frame in frames:
             message = reassembler.feed(frame)
         return message

@@ -6,14 +6,21 @@ import contextlib
 import faulthandler
 import io
 import os
+import socket
+import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedseg.data.volume import Volume, save_volume
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMISE12_SITES = ("bidmc", "hk", "runmc", "ucl")
@@ -32,6 +39,30 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+class _NotMarkedSlow(AssertionError):
+    """A test outside the `slow` marker started a process or opened a network socket."""
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_only_start_processes(request, monkeypatch):
+    """Starting a process or binding/connecting a socket fails any test not marked `slow`.
+
+    Keeps ``pytest -m "not slow"`` a quick loop by construction: a new test that spawns a
+    server, a worker or a DDP follower cannot slip into it unmarked.
+    """
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            raise _NotMarkedSlow(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow")
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))
+    monkeypatch.setattr(socket.socket, "bind", refuse("binds a socket"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connects a socket"))
 
 
 @pytest.fixture
@@ -140,3 +171,54 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------- a provisioned study (kits) for kit and TLS tests
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One provisioned study (server 'localhost', three sites), shared read-only."""
+    from fedseg.federation.deploy.provision import provision_study
+
+    return provision_study("localhost", ["nci", "suny", "ucla"], tmp_path_factory.mktemp("study") / "kits", study="test-study")
+
+
+@pytest.fixture(scope="module")
+def other_kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A second, unrelated study with its own CA and a site of the same name."""
+    from fedseg.federation.deploy.provision import provision_study
+
+    return provision_study("localhost", ["nci"], tmp_path_factory.mktemp("other") / "kits", study="other-study")
+
+
+def write_key_pair(folder: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, stem: str) -> tuple[Path, Path]:
+    """Write a test key (0600 at creation) and certificate; returns (cert, key) paths."""
+    from cryptography.hazmat.primitives import serialization
+
+    key_path, cert_path = folder / f"{stem}.key", folder / f"{stem}.pem"
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+# ----------------------------------------------------------------- per-case Dice for cross-site tables
+
+
+def _scores(rng: np.random.Generator, n: int, shift: float, noise: float, base: np.ndarray) -> dict[str, float]:
+    return {f"case{i:02d}": float(base[i] + shift + noise * rng.standard_normal()) for i in range(n)}
+
+
+def crosssite_dice() -> dict[str, dict[str, dict[str, float]]]:
+    """FL reference; 'Bad' is clearly lower (shift -0.05, tiny noise); 'Close' ≈ FL (no shift)."""
+    rng = np.random.default_rng(42)
+    sizes = {"NCI": 6, "SUNY": 5, "UCLA": 4, "ProstateX": 8}
+    bases = {s: 0.88 + 0.03 * rng.standard_normal(n) for s, n in sizes.items()}
+    fl = {s: _scores(rng, n, 0.0, 0.0, bases[s]) for s, n in sizes.items()}
+    bad = {s: _scores(rng, n, -0.05, 0.002, bases[s]) for s, n in sizes.items()}
+    close = {s: _scores(rng, n, 0.0, 0.02, bases[s]) for s, n in sizes.items()}
+    # Reference deliberately NOT last in the dict: it must be moved last.
+    return {"Bad": bad, "FL": fl, "Close": close}

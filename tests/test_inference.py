@@ -14,12 +14,13 @@ from fedseg.errors import FedsegError
 from fedseg.metrics import dice_coefficient
 from fedseg.evaluation.evaluate import evaluate_site
 from fedseg.inference import Ensemble
+from fedseg.modeldir import FoldOutcome, model_record, open_model_dir, record_fold
 from fedseg.models import build_model
 from fedseg.training.augment import AugmentConfig
 from fedseg.training.checkpoint import save_weights
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import SiteData, resolve_site
-from fedseg.training.fit import FoldOutcome, fold_training_set, model_record, open_model_dir, record_fold, train_fold
+from fedseg.training.fit import fold_training_set, train_fold
 
 SPACING = (0.6, 0.6, 3.0)  # anisotropic, like a clinical T2 stack
 SHAPE = (24, 20, 8)

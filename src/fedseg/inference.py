@@ -26,9 +26,9 @@ from torch import nn
 from fedseg.data.preprocess import PrepareConfig, preprocess_case, resample_to_grid
 from fedseg.data.volume import Volume
 from fedseg.errors import FedsegError
+from fedseg.modeldir import MODEL_JSON, read_model_record
 from fedseg.models import build_model, sliding_window_logits
-from fedseg.training.checkpoint import MODEL_JSON, load_weights
-from fedseg.io import read_json
+from fedseg.training.checkpoint import load_weights
 from fedseg.training.device import Hardware
 
 CPU = Hardware(torch.device("cpu"))
@@ -53,7 +53,7 @@ class Ensemble:
     patch: tuple[int, int, int]
     sw_batch_size: int
     sw_overlap: float
-    record: dict[str, Any]
+    record: dict[str, Any]  # model.json's content
     keep_largest_component: bool = False
     hardware: Hardware = CPU
 
@@ -65,32 +65,23 @@ class Ensemble:
             FedsegError: missing/invalid model.json, no trained fold, weights that do not fit.
         """
         model_dir = Path(model_dir)
-        path = model_dir / MODEL_JSON
-        if not path.is_file():
-            raise FedsegError(f"{model_dir}: not a model directory (no {MODEL_JSON})")
-        record = read_json(path)
-        entries = [f for f in record.get("folds", []) if folds is None or f["fold"] in folds]
+        record = read_model_record(model_dir)
+        entries = [f for f in record.folds if folds is None or f.fold in folds]
         if not entries:
-            raise FedsegError(f"{path}: no trained fold models" + (f" among folds {folds}" if folds else ""))
+            raise FedsegError(f"{model_dir / MODEL_JSON}: no trained fold models" + (f" among folds {folds}" if folds else ""))
         models = []
         for entry in entries:
-            model = build_model(record["network"], in_channels=record["in_channels"], out_channels=record["out_channels"])
-            weights = load_weights(model_dir / entry["weights"])
+            model = build_model(record.network, in_channels=record.in_channels, out_channels=record.out_channels)
+            weights = load_weights(model_dir / entry.weights)
             try:
                 model.load_state_dict(weights)
             except RuntimeError as exc:
-                raise FedsegError(f"{model_dir / entry['weights']}: weights do not fit {record['network']}") from exc
+                raise FedsegError(f"{model_dir / entry.weights}: weights do not fit {record.network}") from exc
             models.append(model.to(hardware.device).eval())
-        inference = record["inference"]
+        inference = record.inference
         return cls(
-            models,
-            PrepareConfig(**record["preprocessing"]),
-            tuple(inference["patch_size"]),
-            int(inference["sw_batch_size"]),
-            float(inference["sw_overlap"]),
-            record,
-            bool(inference.get("keep_largest_component", False)),
-            hardware,
+            models, record.preprocessing, inference.patch_size, inference.sw_batch_size, inference.sw_overlap,
+            record.to_dict(), inference.keep_largest_component, hardware,
         )
 
     @torch.no_grad()

@@ -1,7 +1,11 @@
-"""What a site keeps and computes at the end of a federated study (no network here).
+"""A site's participant in torch: trains each round with a LocalTrainer, keeps and tests the models sent at the end.
 
-The client (:func:`fedseg.federation.transport.client.run_client`) hands every model the
-server sends at the end to :meth:`SiteOutputs.on_model` and asks
+:class:`TorchParticipant` is fedseg's :class:`~fedseg.federation.protocol.participant.Participant`
+(no network here): the client pump (:func:`fedseg.federation.transport.client.run_client`)
+hands it each round's global weights as numpy arrays, and it converts them to
+torch once, runs the round's local epochs with the trainer (which anchors
+FedProx to those weights) and converts the update back. At the end it hands
+every model the server sends to :meth:`SiteOutputs.on_model` and asks
 :meth:`SiteOutputs.evaluate` for the per-case test Dice of the final model.
 
 Models are written as model directories usable by ``fedseg predict`` and
@@ -18,22 +22,84 @@ fold runs ``MODELS_DIR/best`` is the site's copy of the FL ensemble.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.evaluation.evaluate import evaluate_site
+from fedseg.federation.protocol.participant import LocalUpdate, Weights
 from fedseg.inference import Ensemble
-from fedseg.models import build_model
-from fedseg.training.checkpoint import save_weights
 from fedseg.io import write_json
+from fedseg.modeldir import FoldOutcome, ModelRecord, open_model_dir, record_fold
+from fedseg.models import build_model, weights_from_numpy, weights_to_numpy
+from fedseg.training.checkpoint import save_weights
 from fedseg.training.config import TrainConfig
 from fedseg.training.data import PreparedSite
 from fedseg.training.device import resolve_hardware
-from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
+from fedseg.training.engine import EpochResult
 
-__all__ = ["SiteOutputs"]
+__all__ = ["EndOfStudy", "SiteOutputs", "TorchParticipant"]
+
+
+class EpochRunner(Protocol):
+    """What :class:`TorchParticipant` needs of a :class:`~fedseg.training.engine.LocalTrainer`."""
+
+    def run_epoch(self, weights: dict[str, torch.Tensor] | None = None, validate: bool | None = None) -> EpochResult:
+        ...
+
+
+class EndOfStudy(Protocol):
+    """What a site does with the models sent at the end (:class:`SiteOutputs` writes model directories)."""
+
+    def on_model(self, name: str, round_: int | None, weights: Weights, val_dice: float | None) -> None:
+        ...
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        ...
+
+
+class TorchParticipant:
+    """A :class:`~fedseg.federation.protocol.participant.Participant` that trains with ``trainer``.
+
+    Args:
+        trainer: the site's local trainer; it keeps its optimiser and schedule across rounds.
+        outputs: keeps the final and best models and tests the final one; None: the site
+            keeps nothing and answers an evaluation with no cases.
+    """
+
+    def __init__(self, trainer: EpochRunner, outputs: EndOfStudy | None = None) -> None:
+        self.trainer = trainer
+        self.outputs = outputs
+
+    def train(self, weights: Weights, round: int, epochs: int) -> LocalUpdate:
+        """``epochs`` local epochs from the global ``weights``; the last epoch's result is the update.
+
+        The global weights go into the first epoch only: that is what (re)anchors
+        FedProx to them (:meth:`~fedseg.training.engine.LocalTrainer.run_epoch`
+        anchors a loss with ``set_anchor`` whenever it is given weights); the later
+        epochs of the round keep that anchor. The last local epoch is always
+        validated (the update carries its Dice); the others as the trainer's
+        ``val_every`` says.
+        """
+        global_weights = weights_from_numpy(weights)
+        for index in range(epochs):
+            last = index == epochs - 1
+            result = self.trainer.run_epoch(global_weights if index == 0 else None, validate=True if last else None)
+        return LocalUpdate(
+            weights=weights_to_numpy(result.weights),
+            num_samples=int(result.num_samples),
+            val_dice=float(result.val_dice),
+            metrics={"train_loss": float(result.train_loss)},
+        )
+
+    def keep_model(self, name: str, round: int | None, weights: Weights, val_dice: float | None) -> None:
+        if self.outputs is not None:
+            self.outputs.on_model(name, round, weights, val_dice)
+
+    def evaluate(self, weights: Weights) -> dict[str, float] | None:
+        return self.outputs.evaluate(weights) if self.outputs is not None else None
 
 
 class SiteOutputs:
@@ -49,19 +115,18 @@ class SiteOutputs:
         self.prepare = prepare
         self.study = study
 
-    def _record(self, name: str) -> dict:
+    def _record(self, name: str) -> ModelRecord:
         trained_on = [{"site": "federated", "source": f"fedseg study {self.study!r}"}]
-        record = model_record(self.train, self.prepare, trained_on)
-        record["ensemble"] = f"mean of the {name} federated fold models' softmax probabilities, threshold 0.5"
-        record["federated"] = {"study": self.study, "model": name, "received_by": self.site.name}
-        return record
+        return ModelRecord.new(self.train, self.prepare, trained_on).model_copy(update={
+            "ensemble": f"mean of the {name} federated fold models' softmax probabilities, threshold 0.5",
+            "federated": {"study": self.study, "model": name, "received_by": self.site.name},
+        })
 
     def on_model(self, name: str, round_: int | None, weights: dict[str, np.ndarray], val_dice: float | None) -> None:
         """Add the received ``final`` or ``best`` model as this fold of ``MODELS_DIR/<name>``."""
         folder = self.models_dir / name
         open_model_dir(folder, self._record(name))
-        tensors = {key: torch.from_numpy(np.array(array, copy=True)) for key, array in weights.items()}
-        save_weights(folder / f"fold{self.fold}" / "best.safetensors", tensors)
+        save_weights(folder / f"fold{self.fold}" / "best.safetensors", weights_from_numpy(weights))
         rounds = round_ + 1 if round_ is not None else 0
         dice = float(val_dice) if val_dice is not None else 0.0
         record_fold(folder, FoldOutcome(self.fold, dice, rounds, rounds, 0.0, 0))
@@ -70,12 +135,11 @@ class SiteOutputs:
         """Per-case Dice of ``weights`` on this site's held-out test cases, on their original grids."""
         hardware = resolve_hardware(self.train.device, self.train.amp)
         model = build_model(self.train.network)
-        model.load_state_dict({key: torch.from_numpy(np.array(array, copy=True)) for key, array in weights.items()})
+        model.load_state_dict(weights_from_numpy(weights))
         record = self._record("final")
-        inference = record["inference"]
         ensemble = Ensemble(
             [model.to(hardware.device).eval()], self.prepare, self.train.patch, self.train.sw_batch_size,
-            self.train.sw_overlap, record, inference["keep_largest_component"], hardware,
+            self.train.sw_overlap, record.to_dict(), record.inference.keep_largest_component, hardware,
         )
         scores = evaluate_site(ensemble, self.site, "test")
         write_json(

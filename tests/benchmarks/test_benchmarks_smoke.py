@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every benchmark runs as its own process
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 

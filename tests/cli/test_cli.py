@@ -23,6 +23,7 @@ def test_version(run_cli):
     assert code == 0 and __version__ in out
 
 
+@pytest.mark.slow  # runs the installed console script
 def test_installed_console_script_gives_one_line_error(tmp_path):
     """The real entry point: no traceback for a user mistake, exit code 1."""
     result = subprocess.run(

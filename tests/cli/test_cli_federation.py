@@ -13,6 +13,8 @@ from conftest import write_site
 
 from fedseg.federation.deploy.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # fedseg federate: a server and a client process per site on loopback
+
 STUDY_TOML = """
 [federation]
 rounds = 5
@@ -61,8 +63,8 @@ def federated(work) -> tuple[Path, tuple[int, str, str]]:
 def test_federate_runs_two_rounds_and_writes_an_fl_model(federated, work):
     run, (code, stdout, err) = federated
     assert code == 0, stdout + err
-    state = RunDir.open(run / "fold0").state()
-    assert state["completed_rounds"] == 2
+    state = RunDir.open(run / "fold0").read_state()
+    assert state.completed_rounds == 2
     assert (run / "fold0" / "final.safetensors").is_file() and (run / "fold0" / "best.safetensors").is_file()
     record = json.loads((run / "model" / "model.json").read_text())
     assert [f["fold"] for f in record["folds"]] == [0]
@@ -72,7 +74,7 @@ def test_federate_runs_two_rounds_and_writes_an_fl_model(federated, work):
     # the FL model's fold weights are the best round's global model
     from safetensors.numpy import load_file
 
-    best = load_file(str(run / "fold0" / "rounds" / f"{state['best_round']:04d}" / "global.safetensors"))
+    best = load_file(str(run / "fold0" / "rounds" / f"{state.best_round:04d}" / "global.safetensors"))
     model = load_file(str(run / "model" / "fold0" / "best.safetensors"))
     assert best.keys() == model.keys() and all(np.array_equal(best[k], model[k]) for k in best)
     for name in ("server", *SITES):
@@ -88,7 +90,7 @@ def test_sites_receive_final_and_best_models_and_evaluate_the_final_one(federate
     from fedseg.evaluation.evaluate import evaluate_site
     from fedseg.inference import Ensemble
 
-    state = RunDir.open(run / "fold0").state()
+    state = RunDir.open(run / "fold0").read_state()
     final = load_file(str(run / "fold0" / "final.safetensors"))
     best = load_file(str(run / "fold0" / "best.safetensors"))
     evaluation = json.loads((run / "fold0" / "evaluation.json").read_text())
@@ -98,7 +100,7 @@ def test_sites_receive_final_and_best_models_and_evaluate_the_final_one(federate
             received = load_file(str(run / "sites" / site / name / "fold0" / "best.safetensors"))
             assert all(np.array_equal(received[k], expected[k]) for k in expected), (site, name)
         record = json.loads((run / "sites" / site / "best" / "model.json").read_text())
-        assert record["folds"][0]["best_epoch"] == state["best_round"] + 1
+        assert record["folds"][0]["best_epoch"] == state.best_round + 1
         # the Dice the site sent is the Dice of the final model on its test cases (local mode shares names)
         sent = evaluation["sites"][site]["case_dice"]
         prepared = _prepared(work, site)
@@ -120,12 +122,12 @@ def test_round_weights_are_dice_weights_of_what_the_sites_reported(federated):
     run, (code, _, err) = federated
     assert code == 0, err
     audit = {s: [json.loads(line) for line in (run / "audit" / "fold0" / f"{s}.jsonl").read_text().splitlines()] for s in SITES}
-    for number, entry in enumerate(RunDir.open(run / "fold0").rounds()):
+    for number, entry in enumerate(RunDir.open(run / "fold0").round_records()):
         sent = {s: next(r for r in audit[s] if r["round"] == number)["scalars"] for s in SITES}
-        assert {s: entry["sites"][s]["val_dice"] for s in SITES} == {s: sent[s]["val_dice"] for s in SITES}
+        assert {s: entry.sites[s].val_dice for s in SITES} == {s: sent[s]["val_dice"] for s in SITES}
         total = sum(sent[s]["val_dice"] for s in SITES)
         expected = {s: (sent[s]["val_dice"] / total if total > 0 else 1 / len(SITES)) for s in SITES}
-        assert entry["site_weights"] == pytest.approx(expected, abs=1e-12)
+        assert entry.site_weights == pytest.approx(expected, abs=1e-12)
         for s in SITES:
             record = next(r for r in audit[s] if r["round"] == number)
             assert record["bytes_sent"] > 0 and set(record["scalars"]) == {"num_samples", "val_dice", "train_loss"}
@@ -144,10 +146,10 @@ def test_evaluate_the_fl_model(federated, work, tmp_path):
 def test_resume_of_a_finished_run_trains_no_more(federated):
     run, (code, _, err) = federated
     assert code == 0, err
-    before = RunDir.open(run / "fold0").state()
+    before = RunDir.open(run / "fold0").read_state()
     code, stdout, err = invoke("server", "--kit", run / "kits" / "server", "--resume", run / "fold0", "--threads", "1")
     assert code == 0, stdout + err
-    assert RunDir.open(run / "fold0").state() == before
+    assert RunDir.open(run / "fold0").read_state() == before
     assert "resuming after round 1" in stdout
 
 
@@ -174,7 +176,7 @@ def test_all_folds_builds_the_fl_ensemble_centrally_and_at_every_site(tmp_path, 
     assert code == 0, stdout + err
     assert [f["fold"] for f in json.loads((run / "model" / "model.json").read_text())["folds"]] == [0, 1]
     for fold in (0, 1):
-        assert RunDir.open(run / f"fold{fold}").state()["finished"]
+        assert RunDir.open(run / f"fold{fold}").read_state().finished
     for site in ("east", "west"):
         assert [f["fold"] for f in json.loads((run / "sites" / site / "best" / "model.json").read_text())["folds"]] == [0, 1]
     out = tmp_path / "dice.json"

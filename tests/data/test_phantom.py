@@ -147,3 +147,21 @@ def test_point_spread_blurs_edges() -> None:
     soft = render(anatomy, acq, p.annotation, np.random.default_rng(0)).image
     grad = lambda im: float(np.abs(np.diff(im, axis=0)).mean())  # noqa: E731
     assert grad(soft) < 0.85 * grad(sharp)
+
+
+def test_a_seed_renders_the_case_it_always_rendered() -> None:
+    """Values recorded from the single-module phantom before it became a package (issue #13).
+
+    Air far from the body is pure Rician noise, so its voxels pin the order of
+    every random draw; the tissue histogram and the label pin the geometry
+    (a little slack for float rounding at tissue edges on other CPUs).
+    """
+    ph = render_case(get_profile("suny"), 3, seed=7, resolution_scale=3.0)
+    assert ph.image.shape == (107, 107, 10)
+    assert ph.tissue[0, 0, :3].tolist() == [CODE["air"]] * 3
+    np.testing.assert_allclose(ph.image[0, 0, :3], [20.972759246826172, 5.192048072814941, 17.45994758605957], rtol=1e-5)
+    histogram = np.bincount(ph.tissue.ravel(), minlength=25)
+    expected = [4130, 2230, 38209, 52538, 3153, 6714, 48, 469, 1494, 631, 577, 109, 0, 543, 85, 186, 1302, 353, 61,
+                139, 6, 1, 27, 1185, 300]
+    assert np.all(np.abs(histogram - expected) <= np.maximum(2, 0.005 * np.array(expected))), histogram.tolist()
+    assert abs(int(ph.label.sum()) - 1709) <= 10

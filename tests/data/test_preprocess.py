@@ -193,3 +193,19 @@ def test_unknown_normalisation_is_named():
 
     with pytest.raises(DataError, match="prepare.normalize must be one of zscore, percentile"):
         PrepareConfig(normalize="minmax")
+
+
+def test_case_meta_is_a_typed_record_and_a_broken_one_is_prepared_again(make_site, tmp_path):
+    from fedseg.data.preprocess import CaseMeta, read_case_meta, read_manifest
+
+    site, dst = make_site(n_cases=2), tmp_path / "prepared"
+    prepared = prepare_site(site, dst, PrepareConfig(spacing_mm=2))
+    meta = read_case_meta(prepared[0].meta)
+    assert isinstance(meta, CaseMeta) and meta.config == {"spacing_mm": 2, "image_order": 1, "modality": "T2", "normalize": "zscore"}
+    assert meta.sources["label"].path == str((site / "labels" / "case00.nii.gz").resolve())
+    assert read_manifest(dst).source == str(site.resolve()) and read_manifest(tmp_path) is None
+    prepared[0].meta.write_text('{"format": 1, "case": "case00"}')  # e.g. cut short by a crash of an older version
+    computed = {}
+    prepare_site(site, dst, PrepareConfig(spacing_mm=2), on_case=lambda case, done: computed.setdefault(case, done))
+    assert computed == {"case00": True, "case01": False}
+    assert read_case_meta(prepared[0].meta).original == meta.original

@@ -1,12 +1,9 @@
-"""Cross-site Tables 3/4: pooling, paired t-tests, marks, renderers and error cases."""
+"""Cross-site Tables 3/4: pooling, paired t-tests, marks and error cases (renderers: tests/report/test_tables.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,34 +16,17 @@ from fedseg.evaluation import (
     cross_site_table,
     paired_t_test,
     summarize,
-    write_tables,
 )
+
+from conftest import crosssite_dice  # noqa: E402
 
 PRIVATE = ["NCI", "SUNY", "UCLA"]
 EXTERNAL = ["ProstateX"]
 Dice = dict[str, dict[str, dict[str, float]]]  # model -> test set -> case id -> Dice
 
 
-def _scores(
-    rng: np.random.Generator, n: int, shift: float, noise: float, base: np.ndarray
-) -> dict[str, float]:
-    return {f"case{i:02d}": float(base[i] + shift + noise * rng.standard_normal()) for i in range(n)}
-
-
-def _dice() -> Dice:
-    """FL reference; 'Bad' is clearly lower (shift -0.05, tiny noise); 'Close' ≈ FL (no shift)."""
-    rng = np.random.default_rng(42)
-    sizes = {"NCI": 6, "SUNY": 5, "UCLA": 4, "ProstateX": 8}
-    bases = {s: 0.88 + 0.03 * rng.standard_normal(n) for s, n in sizes.items()}
-    fl = {s: _scores(rng, n, 0.0, 0.0, bases[s]) for s, n in sizes.items()}
-    bad = {s: _scores(rng, n, -0.05, 0.002, bases[s]) for s, n in sizes.items()}
-    close = {s: _scores(rng, n, 0.0, 0.02, bases[s]) for s, n in sizes.items()}
-    # Reference deliberately NOT last in the dict: it must be moved last.
-    return {"Bad": bad, "FL": fl, "Close": close}
-
-
 def _table(dice: Dice | None = None, **kw: float) -> CrossSiteTable:
-    dice = _dice() if dice is None else dice
+    dice = crosssite_dice() if dice is None else dice
     return cross_site_table(dice, private_sets=PRIVATE, reference="FL", external_sets=EXTERNAL, **kw)
 
 
@@ -93,7 +73,7 @@ def test_zero_variance_of_differences_is_undefined(shift: float) -> None:
 
 
 def test_cells_and_overall_pool_private_sets_only() -> None:
-    dice = _dice()
+    dice = crosssite_dice()
     table = _table(dice)
     assert table.models == ("Bad", "Close", "FL")
     for model in table.models:
@@ -111,7 +91,7 @@ def test_cells_and_overall_pool_private_sets_only() -> None:
 
 
 def test_overall_test_pairs_pooled_cases() -> None:
-    dice = _dice()
+    dice = crosssite_dice()
     table = _table(dice)
     other = [dice["Close"][s][c] for s in PRIVATE for c in dice["FL"][s]]
     ref = [dice["FL"][s][c] for s in PRIVATE for c in dice["FL"][s]]
@@ -130,37 +110,33 @@ def test_star_only_where_significant() -> None:
         assert bad.p < 0.001 and table.mark("Bad", column) == "*"
         assert close.p >= 0.001 and table.mark("Close", column) == ""
         assert table.mark("FL", column) == ""
-    md = table.to_markdown()
-    assert "*Significantly lower than FL" in md
-    assert "†" not in md
 
 
 def test_significantly_higher_gets_dagger() -> None:
-    dice = _dice()
+    dice = crosssite_dice()
     # Bad = FL - 0.05 + small noise, so Good = FL + 0.05 + the same noise.
     dice["Good"] = {s: {c: v + 0.10 for c, v in cases.items()} for s, cases in dice["Bad"].items()}
     table = _table(dice)
     assert table.tests[("Good", OVERALL)].mean_diff > 0
     assert table.mark("Good", OVERALL) == "†"
-    assert "†Significantly higher than FL" in table.to_markdown()
 
 
 def test_mismatched_cases_raise_data_error_naming_model() -> None:
-    dice = _dice()
+    dice = crosssite_dice()
     del dice["Close"]["SUNY"]["case03"]
     with pytest.raises(DataError, match=r"'Close'.*'SUNY'.*case03"):
         _table(dice)
 
 
 def test_missing_test_set_and_unknown_reference() -> None:
-    dice = _dice()
+    dice = crosssite_dice()
     del dice["Bad"]["ProstateX"]
     with pytest.raises(DataError, match=r"'Bad'.*'ProstateX'"):
         _table(dice)
     with pytest.raises(DataError, match="reference"):
-        cross_site_table(_dice(), private_sets=PRIVATE, reference="Nope")
+        cross_site_table(crosssite_dice(), private_sets=PRIVATE, reference="Nope")
     with pytest.raises(DataError, match=r"'FL'.*'Nowhere'"):
-        cross_site_table(_dice(), private_sets=["Nowhere"], reference="FL")
+        cross_site_table(crosssite_dice(), private_sets=["Nowhere"], reference="FL")
 
 
 def test_single_case_sets_are_not_tested() -> None:
@@ -176,54 +152,3 @@ def test_single_case_sets_are_not_tested() -> None:
     statuses = {(t["test_set"], t["status"]) for t in table.to_json()["tests"]}
     assert ("Y", "n<2") in statuses
     json.dumps(table.to_json(), allow_nan=False)
-
-
-# ----- renderers ------------------------------------------------------------
-
-
-def test_markdown_has_headers_with_n_and_numbers() -> None:
-    table = _table()
-    md = table.to_markdown()
-    for header in ["NCI (n=6)", "SUNY (n=5)", "UCLA (n=4)", "Overall (n=15)", "ProstateX (n=8)"]:
-        assert header in md
-    s = table.overall["Bad"]
-    assert f"{s.mean:.3f} ± {s.sd:.3f}*" in md
-    # reference listed last in each table
-    first_table = md.split("### Model evaluation results: external")[0]
-    rows = [line.split("|")[1].strip() for line in first_table.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["Bad", "Close", "FL"]
-
-
-def test_csv_round_trip() -> None:
-    table = _table()
-    rows = list(csv.DictReader(io.StringIO(table.to_csv())))
-    assert len(rows) == 3 * 5
-    by_key = {(r["model"], r["test_set"]): r for r in rows}
-    r = by_key[("Close", OVERALL)]
-    assert int(r["n"]) == 15
-    assert float(r["mean"]) == table.overall["Close"].mean
-    assert float(r["p_vs_reference"]) == table.tests[("Close", OVERALL)].p
-    assert float(r["t_vs_reference"]) == table.tests[("Close", OVERALL)].t
-    assert by_key[("Bad", "UCLA")]["mark"] == "*"
-    assert by_key[("FL", "NCI")]["p_vs_reference"] == ""
-
-
-def test_json_round_trip_and_write_tables(tmp_path: Path) -> None:
-    dice = _dice()
-    table = _table(dice)
-    paths = write_tables(table, tmp_path / "out")
-    assert set(paths) == {"md", "csv", "json"} and all(p.is_file() for p in paths.values())
-    data = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert data["reference"] == "FL" and data["alpha"] == 0.001
-    assert data["models"] == ["Bad", "Close", "FL"]
-    assert data["cells"]["Bad"]["ProstateX"]["mean"] == pytest.approx(
-        np.mean(list(dice["Bad"]["ProstateX"].values()))
-    )
-    assert data["overall"]["FL"]["n"] == 15
-    ext = next(t for t in data["tests"] if t["model"] == "Bad" and t["test_set"] == "ProstateX")
-    expected = stats.ttest_rel(
-        list(dice["Bad"]["ProstateX"].values()),
-        [dice["FL"]["ProstateX"][c] for c in dice["Bad"]["ProstateX"]],
-    )
-    assert ext["p"] == pytest.approx(expected.pvalue) and ext["mark"] == "*"
-    assert paths["md"].read_text(encoding="utf-8") == table.to_markdown()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedseg.errors import FedsegError
-from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
+from fedseg.report import Curve, ExampleSlice, tables_text, write_report
 
 PRIVATE = ["a", "b"]
 EXTERNAL = ["ext"]
@@ -186,6 +186,6 @@ def test_the_finding_is_a_section_of_both_reports(tmp_path: Path) -> None:
     assert "## The paper's finding in this study" in markdown and lines[0] in markdown
     assert all(f"- {line}" in markdown for line in lines[1:]) and lines[1].startswith(("held: ", "NOT held: "))
     html = paths["html"].read_text(encoding="utf-8")
-    assert "The paper&#x27;s finding in this study" in html and "fl &gt; private:" in html
+    assert "<h2>The paper's finding in this study</h2>" in html and "fl &gt; private:" in html
     plain = _write(tmp_path / "plain")["markdown"].read_text(encoding="utf-8")
     assert "finding in this study" not in plain

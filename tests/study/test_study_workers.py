@@ -19,6 +19,7 @@ def synth_spec(out: Path, profile: str = "suny", cases: int = 1) -> dict:
     return {"out_dir": str(out), "profile": profile, "cases": cases, "seed": 0, "resolution_scale": 4.0}
 
 
+@pytest.mark.slow  # starts worker processes
 def test_jobs_in_processes_return_the_same_results_as_in_process(tmp_path):
     specs = [synth_spec(tmp_path / "a" / "suny"), synth_spec(tmp_path / "a" / "ucla", "ucla", 2)]
     in_processes = sorted(run_jobs("synth", specs, workers=2, work_dir=tmp_path / "work"), key=lambda r: r["profile"])
@@ -31,6 +32,7 @@ def test_jobs_in_processes_return_the_same_results_as_in_process(tmp_path):
     assert list((tmp_path / "work").iterdir()) == []  # the workers' logs are removed
 
 
+@pytest.mark.slow  # starts worker processes
 def test_a_failing_job_raises_with_its_output(tmp_path):
     specs = [synth_spec(tmp_path / "bad", profile="no-such-site"), synth_spec(tmp_path / "ok")]
     with pytest.raises(FedsegError) as caught:
@@ -40,6 +42,7 @@ def test_a_failing_job_raises_with_its_output(tmp_path):
     assert "unknown site profile 'no-such-site'" in message and "Traceback" in message  # the worker's own traceback
 
 
+@pytest.mark.slow  # starts worker processes
 def test_unknown_job_and_bad_worker_arguments_are_refused(tmp_path):
     with pytest.raises(FedsegError, match="unknown study job 'fit'"):
         list(run_jobs("fit", [{}], workers=2, work_dir=tmp_path))

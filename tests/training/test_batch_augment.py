@@ -73,7 +73,7 @@ def test_spatial_transforms_keep_label_and_image_aligned(transform):
 
 def test_every_transform_keeps_shapes_and_dtypes():
     batch = smooth_batch(6)
-    stack = batched_bigaug(AugmentConfig(**{name: 1.0 for name in AugmentConfig.__dataclass_fields__ if name.endswith("_prob")}))
+    stack = batched_bigaug(AugmentConfig(**{name: 1.0 for name in AugmentConfig.model_fields if name.endswith("_prob")}))
     for transform in stack.transforms:
         out = transform(batch, random(2, 6))
         for key in ("image", "label"):
@@ -100,8 +100,8 @@ def test_each_sample_is_chosen_with_the_transform_probability(prob):
 @pytest.mark.parametrize("index", range(8))
 def test_every_transform_of_the_stack_applies_with_its_own_probability(index):
     """Each transform of batched_bigaug, at p = 0.3 and the others off, changes ~30 % of 1500 noise patches."""
-    probabilities = {name: 0.0 for name in AugmentConfig.__dataclass_fields__ if name.endswith("_prob")}
-    name = sorted(probabilities, key=list(AugmentConfig.__dataclass_fields__).index)[index]
+    probabilities = {name: 0.0 for name in AugmentConfig.model_fields if name.endswith("_prob")}
+    name = sorted(probabilities, key=list(AugmentConfig.model_fields).index)[index]
     stack = batched_bigaug(AugmentConfig(**{**probabilities, name: 0.3}))
     n = 1500
     image = torch.rand(n, 1, 8, 8, 6, generator=torch.Generator().manual_seed(index))
@@ -159,7 +159,7 @@ def test_same_seed_same_batch_other_seed_differs():
 
 def test_rows_of_a_batch_are_augmented_as_in_the_whole_batch():
     """A data-parallel process holding rows 3..5 of a batch of 8 gets exactly those rows of the 1-process result."""
-    config = AugmentConfig(**{name: 0.5 for name in AugmentConfig.__dataclass_fields__ if name.endswith("_prob")})
+    config = AugmentConfig(**{name: 0.5 for name in AugmentConfig.model_fields if name.endswith("_prob")})
     stack = batched_bigaug(config)
     batch = smooth_batch(8)
     whole = stack(dict(batch), random(13, 8))

@@ -22,7 +22,7 @@ from fedseg.training.distributed import FollowerSpec, start_data_parallel
 from fedseg.training.engine import LocalTrainer
 from fedseg.training.fit import training_set
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # DDP: rank 0 starts follower processes
 
 CPU = Hardware(torch.device("cpu"))
 PREPARE = PrepareConfig(spacing_mm=1.0)
@@ -40,7 +40,7 @@ def site(tmp_path_factory):
 
 def spec(site, config: TrainConfig) -> FollowerSpec:
     prepared, cache = site
-    return FollowerSpec([str(prepared.prepared)], 0, asdict(PREPARE), str(cache), config.to_dict(), "cpu")
+    return FollowerSpec([str(prepared.prepared)], 0, PREPARE.to_dict(), str(cache), config.to_dict(), "cpu")
 
 
 def share_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> float:

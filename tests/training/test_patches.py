@@ -72,6 +72,7 @@ def test_loader_cuts_the_planned_patches():
         assert np.array_equal(images[0].numpy(), expected)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_loader_worker_processes_cut_the_same_patches():
     """PyTorch's own worker processes (forked, fed patch references) give what the in-process loader gives."""
     plan = BalancedCrops(CASES, PATCH, 2, 1.0).plan(0, 0, 3)

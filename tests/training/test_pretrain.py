@@ -102,7 +102,7 @@ def test_unknown_init_is_named():
 
 
 def test_model_json_records_the_provenance(tmp_path, tiny_recipe):
-    from fedseg.training.fit import model_record
+    from fedseg.modeldir import model_record
 
     starting_weights(config(), PREPARE, tmp_path)
     record = model_record(config(), PREPARE, [], phantom_provenance(config(), PREPARE, tmp_path))
@@ -114,12 +114,12 @@ def test_the_servers_round_0_model_is_the_phantom_start(tmp_path, tiny_recipe):
     """With init = "phantom" the federated study's global model starts from the same weights as the private ones."""
     import numpy as np
 
-    from fedseg.cli.federation import _initial_global_weights
+    from fedseg.federation.deploy.serverrun import initial_global_weights
 
     cfg = config()
     phantom = starting_weights(cfg, PREPARE, tmp_path)
-    global_weights = _initial_global_weights(cfg, PREPARE, tmp_path)
+    global_weights = initial_global_weights(cfg, PREPARE, tmp_path)
     assert global_weights.keys() == phantom.keys()
     assert all(np.array_equal(global_weights[k], phantom[k].numpy()) for k in phantom)
-    seeded = _initial_global_weights(cfg.replace(init="random"), PREPARE, tmp_path)
+    seeded = initial_global_weights(cfg.replace(init="random"), PREPARE, tmp_path)
     assert not all(np.array_equal(seeded[k], global_weights[k]) for k in seeded)

@@ -384,3 +384,19 @@ def test_training_done_rule():
     assert not config(epochs=10).training_done(9, 1)
     with pytest.raises(FedsegError, match="stop_patience"):
         config(stop_patience=0)
+
+
+def test_metrics_are_strict_json_without_validation_cases(tmp_path):
+    """No validation cases: the Dice is NaN, written as null in metrics.jsonl and tagged in the sidecars, never as NaN."""
+    fold_dir = tmp_path / "fold0"
+    outcome = train_fold(TrainingSet("cubes", TRAIN, [], "data-v1", []), fold_dir, config(epochs=2, augment=AugmentConfig.off()))
+    assert np.isnan(outcome.best_val_dice) and outcome.best_epoch == 2  # the latest epoch is the best one known
+
+    def refuse(name):
+        raise AssertionError(f"{name} written to strict JSON")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (fold_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_dice"] for r in rows] == [None, None] and all(r["train_loss"] is not None for r in rows)
+    for sidecar in ("best.json", "last.json"):
+        json.loads((fold_dir / sidecar).read_text(), parse_constant=refuse)
+    assert (fold_dir / "metrics.csv").read_text().splitlines()[0] == "epoch,train_loss,val_dice,learning_rate,seconds,device"

@@ -17,8 +17,7 @@ from fedseg.cli.console import console
 from fedseg.cli.models import DEVICE_HELP, GPUS_HELP, PROCESSES_HELP
 
 if TYPE_CHECKING:  # imported where used: `fedseg --help` stays fast
-    from fedseg.data.preprocess import PrepareConfig
-    from fedseg.training.config import TrainConfig
+    from fedseg.federation.deploy.rundir import EvaluationRecord, RunDir
 
 
 def provision(
@@ -58,15 +57,6 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _initial_global_weights(train: TrainConfig, prepare: PrepareConfig, cache: Path) -> dict:
-    """Round 0's global model: the seeded initialisation, or the phantom starting weights (``init = "phantom"``)."""
-    from fedseg.models import build_model
-    from fedseg.training.pretrain import starting_weights
-
-    state = starting_weights(train, prepare, cache, say=console.print) or build_model(train.network, seed=train.seed).state_dict()
-    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
-
-
 def server(
     kit: Path = typer.Option(..., help=KIT_HELP),
     config: Path | None = typer.Option(None, help=CONFIG_HELP + " On --resume: default the run's own."),
@@ -82,100 +72,47 @@ def server(
     ),
 ) -> None:
     """Run the federated server: wait for the sites, aggregate every round, keep final and best models."""
-    import asyncio
-
-    from rich.table import Table
-
-    from dataclasses import asdict
-
-    from fedseg.data.preprocess import PrepareConfig
     from fedseg.errors import FedsegError
-    from fedseg.federation.deploy.provision import load_kit
-    from fedseg.federation.protocol.rounds import RoundsConfig
-    from fedseg.federation.deploy.rundir import RunDir
-    from fedseg.federation.transport.server import run_server
-    from fedseg.federation.config import FederationConfig, StudyConfig, load_study_config
-    from fedseg.io import read_json
-    from fedseg.training.config import TrainConfig
+    from fedseg.federation.deploy.serverrun import ServerRun
 
     if (out is None) == (resume is None):
         raise FedsegError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR")
     _logging()
-    server_kit = load_kit(kit)
-    if server_kit.role != "server":
-        raise FedsegError(f"{kit}: a {server_kit.role} kit; the server needs the server kit")
-    sites = sorted(server_kit.allowed_sites)
+    options = {"fold": fold, "rounds": rounds, "threads": threads, "cache": cache, "say": console.print}
     if resume is not None:
-        run = RunDir.open(resume)
-        recorded = run.study()
-        if config is not None:
-            study = load_study_config(config)
-        else:
-            study = StudyConfig(FederationConfig.from_dict(recorded["federation"], str(resume)),
-                                TrainConfig.from_dict({**recorded["train"], "patch_size": tuple(recorded["train"]["patch_size"])}, str(resume)),
-                                PrepareConfig(**recorded.get("prepare", {})))
-        if rounds is None:
-            rounds = int(recorded["rounds"])
-        if recorded.get("sites") != sites:
-            raise FedsegError(f"{resume}: run of sites {recorded.get('sites')}, but the kit's study has {sites}")
-        fold = int(recorded.get("fold", fold))
+        server_run = ServerRun.resume(kit, resume, config=config, **options)
     else:
-        study = load_study_config(config)
-    federation = study.federation if rounds is None else study.federation.replace(rounds=rounds)
-    train = study.train if threads is None else study.train.replace(threads=threads)
-    _threads(train.threads)
-    aggregator = federation.make_aggregator()
-    point = run.resume_point() if resume is not None else None
-    if point is not None:
-        weights, first_round = point.global_weights, point.completed_rounds
-        if point.server_optimizer is not None and hasattr(aggregator, "load_state_dict"):
-            aggregator.load_state_dict(point.server_optimizer)
-        console.print(f"resuming after round {first_round - 1} ({first_round} completed)")
-    else:  # only now: with init = "phantom" the round-0 model may first have to be trained (minutes)
-        weights, first_round = _initial_global_weights(train, study.prepare, cache), 0
-    if resume is None:
-        record = {
-            "sites": sites, "rounds": federation.rounds, "aggregator": federation.aggregator,
-            "server_optimizer": federation.server_optimizer, "min_sites": federation.quorum(len(sites)),
-            "fold": fold, "federation": federation.to_dict(), "train": train.to_dict(), "prepare": asdict(study.prepare),
-            "study": server_kit.study.get("study"),
-        }
-        run = RunDir.create(out, record)
-    rounds_config = RoundsConfig(
-        sites=tuple(sites), rounds=federation.rounds, min_sites=federation.quorum(len(sites)), evaluate=federation.evaluate
-    )
-    asyncio.run(
-        run_server(
-            server_kit, run, rounds_config, aggregator, weights,
-            host=host, port=port if port is not None else int(server_kit.study["port"]),
-            round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
-            settings=StudyConfig(federation, train, study.prepare).site_settings(fold),
-            local_epochs=federation.local_epochs,
-        )
-    )
-    state = run.state()
+        server_run = ServerRun.new(kit, config, out, **options)
+    _print_summary(server_run.run(host=host, port=port))
+
+
+def _print_summary(run: RunDir) -> None:
+    """Every committed round of the run, the final model's test Dice per site, and the best round."""
+    from rich.table import Table
+
     summary = Table("round", "aggregated val Dice", "sites", "left out", title=f"federated study → {run.root}")
-    for entry in run.rounds():
-        left = ", ".join(f"{s} ({why})" for s, why in sorted(entry["left_out"].items())) or "-"
-        summary.add_row(str(entry["round"]), f"{entry['aggregated_val_dice']:.4f}", ", ".join(sorted(entry["sites"])), left)
+    for entry in run.round_records():
+        left = ", ".join(f"{s} ({why})" for s, why in sorted(entry.left_out.items())) or "-"
+        summary.add_row(str(entry.round), f"{entry.aggregated_val_dice:.4f}", ", ".join(sorted(entry.sites)), left)
     console.print(summary)
-    evaluation = run.root / "evaluation.json"
-    if evaluation.is_file():
-        _print_evaluation(read_json(evaluation))
-    if state.get("best_round", -1) >= 0:
-        console.print(f"[green]done[/]: {state['completed_rounds']} rounds; best round {state['best_round']} "
-                      f"(val Dice {state['best_dice']:.4f}); wrote final.safetensors and best.safetensors in {run.root}")
+    evaluation = run.evaluation()
+    if evaluation is not None:
+        _print_evaluation(evaluation)
+    state = run.read_state()
+    if state.has_best:
+        console.print(f"[green]done[/]: {state.completed_rounds} rounds; best round {state.best_round} "
+                      f"(val Dice {state.best_dice:.4f}); wrote final.safetensors and best.safetensors in {run.root}")
 
 
-def _print_evaluation(record: dict) -> None:
+def _print_evaluation(record: EvaluationRecord) -> None:
     """The final model's test Dice per site, as the sites reported it."""
     from rich.table import Table
 
     table = Table("site", "test cases", "mean Dice", title="final model on each site's held-out test set")
-    for site, entry in record["sites"].items():
-        mean = "-" if entry["mean_dice"] is None else f"{entry['mean_dice']:.4f}"
-        table.add_row(site, str(entry["n"]), mean)
-    for site, why in record["left_out"].items():
+    for site, entry in record.sites.items():
+        mean = "-" if entry.mean_dice is None else f"{entry.mean_dice:.4f}"
+        table.add_row(site, str(entry.n), mean)
+    for site, why in record.left_out.items():
         table.add_row(site, "-", f"no result: {why}")
     console.print(table)
 
@@ -198,13 +135,12 @@ def client(
 ) -> None:
     """Take part in a federated study: train on this site every round; only weights and scores leave."""
     import asyncio
-    from dataclasses import asdict
 
     from fedseg.cli.models import _resolve
     from fedseg.errors import FedsegError
     from fedseg.federation.transport.client import run_client
-    from fedseg.federation.deploy.provision import load_kit
-    from fedseg.site import SiteOutputs
+    from fedseg.federation.transport.kit import load_kit
+    from fedseg.site import SiteOutputs, TorchParticipant
     from fedseg.federation.config import load_study_config
     from fedseg.models import build_model
     from fedseg.training.data import SiteData
@@ -229,16 +165,15 @@ def client(
     outputs = SiteOutputs(models_dir, site, fold, train, study.prepare, str(site_kit.study.get("study", "")))
     mu = study.federation.fedprox_mu
     console.print(f"site {site_kit.name} trains on {placement.describe()}")
-    with placement.group([str(site.prepared)], fold, asdict(study.prepare), str(cache), mu) as parallel:
+    with placement.group([str(site.prepared)], fold, study.prepare.to_dict(), str(cache), mu) as parallel:
         trainer = LocalTrainer(
             build_model(train.network, seed=train.seed), training.train, training.val, train,
             loss=training_loss(mu, parallel), parallel=parallel,
         )
         asyncio.run(
             run_client(
-                site_kit, trainer, server_url=server_url, audit_log=audit, retries=retries,
-                on_model=outputs.on_model, evaluate=outputs.evaluate, share_case_names=share_case_names,
-                settings=study.site_settings(fold),
+                site_kit, TorchParticipant(trainer, outputs), server_url=server_url, audit_log=audit, retries=retries,
+                share_case_names=share_case_names, settings=study.site_settings(fold),
             )
         )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "

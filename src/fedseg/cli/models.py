@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from fedseg.data.layout import case_id_of
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.data.volume import load_volume, save_volume
 from fedseg.errors import DataError, FedsegError
+from fedseg.io import loads_json, write_json
 
 DEFAULT_CACHE = Path.home() / ".cache" / "fedseg"
 
@@ -60,12 +60,11 @@ def train(
     processes: int | None = typer.Option(None, min=1, help=PROCESSES_HELP),
 ) -> None:
     """Train a private model on one site: one fold, or the five-fold ensemble (resumes if interrupted)."""
-    from dataclasses import asdict
-
     from fedseg.federation.config import load_study_config
+    from fedseg.modeldir import ModelRecord, open_model_dir, record_fold
     from fedseg.training.data import SiteData
     from fedseg.training.distributed import place_training
-    from fedseg.training.fit import fold_training_set, model_record, open_model_dir, record_fold, train_fold
+    from fedseg.training.fit import fold_training_set, train_fold
     from fedseg.training.pretrain import phantom_provenance, starting_weights
 
     if fold is not None and all_folds:
@@ -75,21 +74,21 @@ def train(
     train_config = study.train.replace(**{k: v for k, v in overrides.items() if v is not None})
     placement = place_training(train_config, device, gpus, processes)  # a device this machine lacks fails here, first
     train_config = placement.config
-    prepare = study.prepare if spacing is None else dataclasses.replace(study.prepare, spacing_mm=spacing)
+    prepare = study.prepare if spacing is None else study.prepare.replace(spacing_mm=spacing)
     site = _resolve(site_dir, prepare, cache)
     splits = site.require_splits()
     folds = [fold] if fold is not None else list(range(len(splits.folds)))
     splits.fold(folds[0])  # clear error for a fold that does not exist
     init = starting_weights(train_config, prepare, cache, say=console.print)
     trained_on = [{"site": site.name, "source": str(site.source)}]
-    open_model_dir(out, model_record(train_config, prepare, trained_on, phantom_provenance(train_config, prepare, cache)))
+    open_model_dir(out, ModelRecord.new(train_config, prepare, trained_on, phantom_provenance(train_config, prepare, cache)))
     data = SiteData(site, train_config.patch)
     console.print(f"training on {placement.describe()}")
     summary = Table("fold", "best val Dice", "best epoch", "epochs", "minutes", title=f"{site.name} → {out}")
     for k in folds:
         training = fold_training_set(site, data, k)
         with (
-            placement.group([str(site.prepared)], k, asdict(prepare), str(cache)) as parallel,
+            placement.group([str(site.prepared)], k, prepare.to_dict(), str(cache)) as parallel,
             progress_bar(f"fold {k}", train_config.epochs) as advance,
         ):
             outcome = train_fold(
@@ -200,8 +199,7 @@ def evaluate(
             "sd": summary.sd,
             "dice": scores,
         }
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(record, indent=1))
+        write_json(json_out, record)  # strict JSON: a NaN Dice is tagged, never written as NaN
         console.print(f"[green]wrote[/] {json_out}")
 
 
@@ -213,17 +211,18 @@ def tables(
     out: Path = typer.Option(Path("crosssite"), help="Folder for crosssite.md/.csv/.json."),
 ) -> None:
     """The paper's Tables 3 and 4 from per-case Dice: mean ± SD, Overall, paired t-tests."""
-    from fedseg.evaluation.crosssite import cross_site_table, write_tables
+    from fedseg.evaluation.crosssite import cross_site_table
+    from fedseg.report import crosssite_markdown, write_tables
 
     dice: dict[str, dict[str, dict[str, float]]] = {}
     for path in results:
         try:
-            record = json.loads(path.read_text())
+            record = loads_json(path.read_text(encoding="utf-8"))
             dice.setdefault(record["model"], {})[record["test_set"]] = record["dice"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: not a 'fedseg evaluate --json' file ({exc})") from exc
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     table = cross_site_table(dice, private_sets=split(private), reference=reference, external_sets=split(external))
     paths = write_tables(table, out)
-    console.print(table.to_markdown())
+    console.print(crosssite_markdown(table))
     console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}")

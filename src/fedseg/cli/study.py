@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -60,6 +59,7 @@ def _robustness(out: Path, seeds: tuple[int, ...] | list[int]) -> None:
     from rich.markup import escape
 
     from fedseg.errors import FedsegError
+    from fedseg.io import read_json
     from fedseg.study.seeds import seed_folder, write_robustness
 
     results = {}
@@ -67,7 +67,7 @@ def _robustness(out: Path, seeds: tuple[int, ...] | list[int]) -> None:
         path = seed_folder(out, seed) / "results.json"
         if not path.is_file():
             raise FedsegError(f"{path} is missing: seed {seed}'s study has not run its evaluate step")
-        results[seed] = json.loads(path.read_text())
+        results[seed] = read_json(path)  # strict JSON: a NaN is tagged, and read back as one
     path, record = write_robustness(out, results)
     console.print(f"[bold]The finding across {len(seeds)} seeds[/] ({path}):")
     for claim, held in record["held"].items():

@@ -7,37 +7,42 @@
 * ``DST/meta/<case>.json`` the original grid (shape, affine), the source
   files and their fingerprints, and the configuration used.
 
-The per-case JSON is the cache key: a case is redone only when its source
-files or the configuration change. It is also what lets a prediction on the
-prepared grid be mapped back onto the original one (:func:`to_original_grid`).
+The per-case JSON (a :class:`CaseMeta`, read by :func:`read_case_meta`) is
+the cache key: a case is redone only when its source files or the
+configuration change. It is also what lets a prediction on the prepared grid
+be mapped back onto the original one (:func:`to_original_grid`).
+``DST/prepared.json`` (a :class:`PreparedManifest`) says which site the
+folder holds and how it was prepared.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
 import nibabel as nib
 import numpy as np
+from pydantic import Field, field_validator
 from scipy import ndimage
 
 from fedseg.data.layout import CaseFiles, discover_site, gland_mask
 from fedseg.data.splits import MIN_CASES_TO_SPLIT, SPLITS_FILE, ensure_splits
 from fedseg.data.volume import Volume, load_volume, save_volume
-from fedseg.errors import DataError
+from fedseg.errors import DataError, FedsegError
+from fedseg.schema import Integer, Number, Record, Table, Text, must_be
 
 PREPARED_FORMAT = 1
 MANIFEST = "prepared.json"
-NORMALISATIONS = ("zscore", "percentile")
+Normalisation = Literal["zscore", "percentile"]
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 CLIP_PERCENTILES = (0.5, 99.5)
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Table):
     """How a site is preprocessed; part of every cache key.
 
     Attributes:
@@ -50,18 +55,65 @@ class PrepareConfig:
             longer squash the gland's contrast).
     """
 
-    spacing_mm: float = 1.0
-    image_order: int = 1
-    modality: str = "T2"
-    normalize: str = "zscore"
+    toml_table = "prepare"
+    error = DataError
 
-    def __post_init__(self) -> None:
-        if not 0.1 <= self.spacing_mm <= 10.0:
-            raise DataError(f"spacing must be between 0.1 and 10 mm, got {self.spacing_mm}")
-        if self.image_order not in (1, 2, 3):
-            raise DataError(f"image_order must be 1 (linear), 2 or 3 (cubic), got {self.image_order}")
-        if self.normalize not in NORMALISATIONS:
-            raise DataError(f"prepare.normalize must be one of {', '.join(NORMALISATIONS)}, got {self.normalize!r}")
+    spacing_mm: Number = 1.0
+    image_order: Annotated[Integer, Field(ge=1, le=3), must_be("1 (linear), 2 or 3 (cubic)")] = 1
+    modality: Text = "T2"
+    normalize: Normalisation = "zscore"
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _plausible_spacing(cls, mm: float) -> float:
+        if not 0.1 <= mm <= 10.0:
+            raise ValueError(f"spacing must be between 0.1 and 10 mm, got {mm}")
+        return mm
+
+
+class SourceFile(Record):
+    """A file a prepared case was made from: where it is and its fingerprint."""
+
+    path: str  # absolute: evaluation reads the original label from here, from any working directory
+    sha256: str
+
+
+class OriginalGrid(Record):
+    """The grid of the case's original image (what a prediction is mapped back onto)."""
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: list[list[float]]
+
+
+class CaseMeta(Record):
+    """``meta/<case>.json``: how one case was prepared, and from what."""
+
+    format: int = PREPARED_FORMAT
+    case: str
+    config: dict[str, Any]  # the PrepareConfig as recorded: compared as written (it is part of cache keys)
+    sources: dict[str, SourceFile]
+    channel: int | None = None
+    original: OriginalGrid
+
+
+class PreparedManifest(Record):
+    """``prepared.json``: which site a prepared folder holds, prepared how."""
+
+    format: int = PREPARED_FORMAT
+    source: str
+    config: dict[str, Any]
+
+
+def read_case_meta(path: Path) -> CaseMeta:
+    """A prepared case's ``meta/<case>.json``."""
+    return CaseMeta.read(path)
+
+
+def read_manifest(folder: Path) -> PreparedManifest | None:
+    """The ``prepared.json`` of ``folder``, or None when it is not a prepared folder."""
+    path = Path(folder) / MANIFEST
+    return PreparedManifest.read(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -152,15 +204,17 @@ def preprocess_case(image: Volume, label: Volume | None, config: PrepareConfig) 
     return out_image, Volume(out_label.astype(np.uint8), affine)
 
 
-def to_original_grid(array: np.ndarray, prepared_affine: np.ndarray, meta: dict, order: int = 1) -> np.ndarray:
+def to_original_grid(
+    array: np.ndarray, prepared_affine: np.ndarray, meta: CaseMeta | Mapping[str, Any], order: int = 1
+) -> np.ndarray:
     """Map an array on the prepared grid (e.g. probabilities) back onto the case's original grid.
 
-    ``meta`` is the case's ``meta/<case>.json`` content. Use order 1 for
-    probabilities and threshold afterwards; order 0 for labels.
+    ``meta`` is the case's ``meta/<case>.json`` (or a dict with its ``original``
+    shape and affine). Use order 1 for probabilities and threshold afterwards; order 0 for labels.
     """
-    original_affine = np.array(meta["original"]["affine"], dtype=np.float64)
-    original_shape = tuple(meta["original"]["shape"])
-    return resample_to_grid(array, prepared_affine, original_affine, original_shape, order)
+    original = meta.original.model_dump() if isinstance(meta, CaseMeta) else meta["original"]
+    original_affine = np.array(original["affine"], dtype=np.float64)
+    return resample_to_grid(array, prepared_affine, original_affine, tuple(original["shape"]), order)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -172,44 +226,38 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _case_meta(case: CaseFiles, image: Volume, config: PrepareConfig) -> dict:
+def _case_meta(case: CaseFiles, image: Volume, config: PrepareConfig) -> CaseMeta:
     sources = {"image": case.image, "label": case.label}
-    return {
-        "format": PREPARED_FORMAT,
-        "case": case.case_id,
-        "config": asdict(config),
-        "sources": {
-            # absolute: evaluation reads the original label from here, from any working directory
-            role: {"path": str(Path(path).resolve()), "sha256": file_fingerprint(path)}
+    return CaseMeta(
+        case=case.case_id,
+        config=config.to_dict(),
+        sources={
+            role: SourceFile(path=str(Path(path).resolve()), sha256=file_fingerprint(path))
             for role, path in sources.items()
             if path is not None
         },
-        "channel": case.channel,
-        "original": {
-            "shape": list(image.shape),
-            "spacing": list(image.spacing),
-            "affine": np.asarray(image.affine).tolist(),
-        },
-    }
+        channel=case.channel,
+        original=OriginalGrid(
+            shape=image.shape, spacing=image.spacing, affine=np.asarray(image.affine).tolist()
+        ),
+    )
 
 
 def _cached(meta_path: Path, case: CaseFiles, config: PrepareConfig) -> bool:
     if not meta_path.is_file():
         return False
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_case_meta(meta_path)
+    except FedsegError:  # unreadable or from an unknown version: prepared again
         return False
     sources = {"image": case.image, "label": case.label}
     expected = {role: file_fingerprint(p) for role, p in sources.items() if p is not None}
-    recorded = {role: entry.get("sha256") for role, entry in meta.get("sources", {}).items()}
-    paths = {role: entry.get("path") for role, entry in meta.get("sources", {}).items()}
     where = {role: str(Path(p).resolve()) for role, p in sources.items() if p is not None}
     return (
-        meta.get("config") == asdict(config)
-        and recorded == expected
-        and paths == where
-        and meta.get("format") == PREPARED_FORMAT
+        meta.config == config.to_dict()
+        and {role: entry.sha256 for role, entry in meta.sources.items()} == expected
+        and {role: entry.path for role, entry in meta.sources.items()} == where
+        and meta.format == PREPARED_FORMAT
     )
 
 
@@ -233,8 +281,7 @@ def prepare_case(case: CaseFiles, dst: Path, config: PrepareConfig) -> tuple[Pre
         raise DataError(f"{case.image}: {exc}") from exc
     save_volume(out_image, prepared.image, np.float32)
     save_volume(out_label, prepared.label, np.uint8)  # type: ignore[arg-type]
-    prepared.meta.parent.mkdir(parents=True, exist_ok=True)
-    prepared.meta.write_text(json.dumps(_case_meta(case, image, config), indent=1))
+    _case_meta(case, image, config).write(prepared.meta)
     return prepared, True
 
 
@@ -242,22 +289,16 @@ def _claim_destination(src: Path, dst: Path, config: PrepareConfig) -> None:
     """Refuse a destination that holds something else; record what it holds."""
     if dst.resolve() == src.resolve():
         raise DataError(f"{dst}: the destination must differ from the source site folder")
-    manifest = dst / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("config") != asdict(config) or recorded.get("source") != str(src.resolve()):
+    recorded = read_manifest(dst)
+    if recorded is not None:
+        if recorded.config != config.to_dict() or recorded.source != str(src.resolve()):
             raise DataError(
-                f"{dst}: already holds {recorded.get('source')} prepared with {recorded.get('config')}; "
-                "choose another destination"
+                f"{dst}: already holds {recorded.source} prepared with {recorded.config}; choose another destination"
             )
         return  # already ours: rewriting it would race with concurrent readers
     if dst.exists() and any(dst.iterdir()):
         raise DataError(f"{dst}: exists and is not a fedseg prepared folder; choose an empty or new folder")
-    dst.mkdir(parents=True, exist_ok=True)
-    record = {"format": PREPARED_FORMAT, "source": str(src.resolve()), "config": asdict(config)}
-    tmp = manifest.with_name(manifest.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(manifest)
+    PreparedManifest(source=str(src.resolve()), config=config.to_dict()).write(dst / MANIFEST)
 
 
 def _carry_splits(src: Path, dst: Path) -> None:

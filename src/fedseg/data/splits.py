@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.io import write_json
 from fedseg.errors import DataError
 
 SPLITS_FILE = "splits.json"
@@ -196,8 +197,5 @@ def ensure_splits(
             )
         return splits, False
     splits = make_splits(case_ids, seed, test_fraction, n_folds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(splits.to_json(), indent=1))
-    tmp.replace(path)
+    write_json(path, splits.to_json())
     return splits, True

@@ -13,7 +13,6 @@ how many cases were asked for. Cases are rendered and written one at a time.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +23,7 @@ import numpy as np
 from fedseg.data.phantom import Acquisition, Phantom, draw_gland_volume, render, sample_anatomy
 from fedseg.data.site_profiles import SiteProfile, get_profile
 from fedseg.data.volume import Volume, save_volume
+from fedseg.io import write_json
 from fedseg.errors import DataError
 
 GENERATOR_VERSION = "2"
@@ -90,12 +90,6 @@ def _to_stored(image: np.ndarray, dtype: str) -> np.ndarray:
     return np.clip(np.rint(image), 0, info.max).astype(dtype)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def synthesize_site(
     out_dir: Path,
     profile: SiteProfile,
@@ -136,7 +130,7 @@ def synthesize_site(
             pending = writer.submit(_write_case, out_dir, profile, case_id(profile.name, index), ph)
         if pending is not None:
             finish(pending)
-    _write_json(out_dir / SITE_JSON, _site_record(profile, seed, fov_mm, resolution_scale, cases))
+    write_json(out_dir / SITE_JSON, _site_record(profile, seed, fov_mm, resolution_scale, cases))
     return out_dir
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: Dice overlap and the paper's cross-site tables (pure functions over arrays)."""
+"""Evaluation: a model's Dice on a site's cases, the paper's cross-site statistics, the convergence criterion."""
 
 from fedseg.evaluation.crosssite import (
     OVERALL,
@@ -6,7 +6,6 @@ from fedseg.evaluation.crosssite import (
     PairedTest,
     cross_site_table,
     paired_t_test,
-    write_tables,
 )
 from fedseg.metrics import Summary, dice_coefficient, format_mean_sd, summarize
 
@@ -20,5 +19,4 @@ __all__ = [
     "format_mean_sd",
     "paired_t_test",
     "summarize",
-    "write_tables",
 ]

@@ -1,4 +1,4 @@
-"""Cross-site evaluation tables (Sarma et al. 2021, Tables 3 and 4) from per-case Dice.
+"""Cross-site statistics (Sarma et al. 2021, Tables 3 and 4) from per-case Dice: summaries, paired t-tests, marks.
 
 Input layout: ``dice[model][test_set][case_id] = Dice`` for every model and
 every requested test set. Every model must be scored on exactly the reference
@@ -23,20 +23,16 @@ Statistical conventions (also written into the outputs):
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from fedseg.errors import DataError
-from fedseg.metrics import Summary, format_mean_sd, summarize
+from fedseg.metrics import Summary, summarize
 
 __all__ = [
     "HIGHER_MARK",
@@ -46,7 +42,6 @@ __all__ = [
     "PairedTest",
     "cross_site_table",
     "paired_t_test",
-    "write_tables",
 ]
 
 OVERALL = "Overall"
@@ -139,98 +134,13 @@ class CrossSiteTable:
             return ""
         return LOWER_MARK if test.mean_diff < 0 else HIGHER_MARK
 
-    def _columns(self) -> list[str]:
+    def columns(self) -> list[str]:
+        """Private sets, ``OVERALL``, external sets: the column order of every rendering."""
         return [*self.private_sets, OVERALL, *self.external_sets]
 
-    # ----- renderers -----------------------------------------------------
-
-    def to_markdown(self) -> str:
-        """Tables 3 (private sets + Overall) and 4 (external sets), footnotes, p-value table."""
-        parts = [
-            "### Model evaluation results: private test sets",
-            "",
-            *self._markdown_table([*self.private_sets, OVERALL]),
-        ]
-        if self.external_sets:
-            parts += ["", "### Model evaluation results: external test sets", ""]
-            parts += self._markdown_table(list(self.external_sets))
-        parts += ["", *self._footnotes(), "", *self._markdown_tests()]
-        return "\n".join(parts) + "\n"
-
-    def _header(self, test_set: str) -> str:
-        return f"{test_set} (n={self.summary(self.reference, test_set).n})"
-
-    def _markdown_table(self, columns: list[str]) -> list[str]:
-        lines = [
-            "| Model | " + " | ".join(self._header(c) for c in columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for model in self.models:
-            cells = [format_mean_sd(self.summary(model, c)) + self.mark(model, c) for c in columns]
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        return lines
-
-    def _footnotes(self) -> list[str]:
-        used = {self.mark(m, c) for m in self.models for c in self._columns()} - {""}
-        test = f"two-sided paired t-test, P < {self.alpha_star:g}"
-        notes = []
-        if LOWER_MARK in used:
-            notes.append(f"{LOWER_MARK}Significantly lower than {self.reference} ({test}).")
-        if HIGHER_MARK in used:
-            notes.append(f"{HIGHER_MARK}Significantly higher than {self.reference} ({test}).")
-        if not notes:
-            notes.append(f"No model differs significantly from {self.reference} ({test}).")
-        notes.append(
-            "Values are mean ± SD Dice over cases; Overall pools all private test cases. "
-            "Tests pair cases by (test set, case id); 'undefined' = all paired differences "
-            "equal (zero variance), 'n<2' = too few pairs to test."
-        )
-        return notes
-
-    def _markdown_tests(self) -> list[str]:
-        lines = [
-            f"#### Paired t-tests against {self.reference}",
-            "",
-            "| Model | Test set | n | Mean diff | t | P |",
-            "|---|---|---|---|---|---|",
-        ]
-        for test in self._ordered_tests():
-            t = "—" if test.t is None else f"{test.t:.3f}"
-            p = test.status if test.p is None else f"{test.p:.3g}"
-            lines.append(
-                f"| {test.model} | {test.test_set} | {test.n} | {test.mean_diff:+.4f} | {t} | {p} |"
-            )
-        return lines
-
-    def _ordered_tests(self) -> list[PairedTest]:
-        return [
-            self.tests[(m, c)] for m in self.models for c in self._columns() if (m, c) in self.tests
-        ]
-
-    def to_csv(self) -> str:
-        """Long format, one row per model × column (private sets, Overall, external sets).
-
-        Columns: model, test_set, n, mean, sd, p_vs_reference, t_vs_reference,
-        mark, mean_diff_vs_reference, test_status. Untested values are empty;
-        the reference's test_status is ``"reference"``.
-        """
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(
-            ["model", "test_set", "n", "mean", "sd", "p_vs_reference", "t_vs_reference",
-             "mark", "mean_diff_vs_reference", "test_status"]
-        )
-        for model in self.models:
-            for column in self._columns():
-                s = self.summary(model, column)
-                test = self.tests.get((model, column))
-                writer.writerow([
-                    model, column, s.n, repr(s.mean), repr(s.sd),
-                    _blank(test.p if test else None), _blank(test.t if test else None),
-                    self.mark(model, column), _blank(test.mean_diff if test else None),
-                    test.status if test else "reference",
-                ])
-        return buffer.getvalue()
+    def ordered_tests(self) -> list[PairedTest]:
+        """Every paired test, by model then column."""
+        return [self.tests[(m, c)] for m in self.models for c in self.columns() if (m, c) in self.tests]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable dict: reference, alpha, set/model order, cells, overall, tests.
@@ -254,13 +164,9 @@ class CrossSiteTable:
             },
             "overall": {m: cell(m, OVERALL) for m in self.models},
             "tests": [
-                {**asdict(t), "mark": self.mark(t.model, t.test_set)} for t in self._ordered_tests()
+                {**asdict(t), "mark": self.mark(t.model, t.test_set)} for t in self.ordered_tests()
             ],
         }
-
-
-def _blank(value: float | None) -> str:
-    return "" if value is None else repr(value)
 
 
 # ----- construction ---------------------------------------------------------
@@ -363,20 +269,3 @@ def _test(
 ) -> PairedTest:
     keys = list(reference)  # same key set (checked); reference order fixes the pairing
     return paired_t_test(model, test_set, [other[k] for k in keys], [reference[k] for k in keys])
-
-
-def write_tables(table: CrossSiteTable, out_dir: Path, stem: str = "crosssite") -> dict[str, Path]:
-    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.json`` into ``out_dir`` (created if needed).
-
-    Returns the written paths keyed by ``"md"``, ``"csv"`` and ``"json"``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
-    paths["md"].write_text(table.to_markdown(), encoding="utf-8")
-    paths["csv"].write_text(table.to_csv(), encoding="utf-8")
-    paths["json"].write_text(
-        json.dumps(table.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-        encoding="utf-8",
-    )
-    return paths

@@ -8,11 +8,11 @@ number: it includes the resampling error a user of the mask would see.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Literal
 
 from fedseg.data.layout import gland_mask
+from fedseg.data.preprocess import read_case_meta
 from fedseg.data.volume import load_volume
 from fedseg.metrics import dice_coefficient
 from fedseg.inference import Ensemble
@@ -37,9 +37,9 @@ def evaluate_site(
     """Per-case Dice (the paper's Eq. 1) of ``ensemble`` on ``site``; keys in case order."""
     scores: dict[str, float] = {}
     for case_id in cases_of(site, split):
-        meta = json.loads((site.prepared / "meta" / f"{case_id}.json").read_text())
+        meta = read_case_meta(site.prepared / "meta" / f"{case_id}.json")
         image = load_volume(site.prepared / "images" / f"{case_id}.nii.gz")
-        truth = load_volume(meta["sources"]["label"]["path"])
+        truth = load_volume(meta.sources["label"].path)
         mask = ensemble.predict_prepared(image, truth.affine, truth.shape)
         scores[case_id] = dice_coefficient(mask, gland_mask(truth.array))
         if on_case is not None:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from fedseg.data.preprocess import PrepareConfig
-from fedseg.training.config import TrainConfig
 from fedseg.io import dumps_json, loads_json
+from fedseg.training.config import TrainConfig
 from fedseg.training.data import PreparedSite, resolve_site
 from fedseg.training.fit import train_fold, training_set
 from fedseg.training.pretrain import starting_weights
@@ -29,7 +29,7 @@ __all__ = ["JOBS", "evaluate_job", "synth_job", "train_job"]
 
 
 def _sites(spec: dict[str, Any]) -> tuple[list[PreparedSite], PrepareConfig]:
-    prepare = PrepareConfig(**spec["prepare"])
+    prepare = PrepareConfig.from_dict(spec["prepare"], source="the study's prepare settings")
     return [resolve_site(Path(d), prepare, Path(spec["cache"])) for d in spec["sites"]], prepare
 
 
@@ -40,7 +40,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     cache, train (TrainConfig dict), prepare (PrepareConfig dict).
     Returns the FoldOutcome as a dict plus the job's ``model`` name.
     """
-    config = TrainConfig.from_dict(spec["train"])
+    config = TrainConfig.from_dict(spec["train"], source="the study's train settings")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     sites, prepare = _sites(spec)
@@ -63,7 +63,7 @@ def evaluate_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    prepare = PrepareConfig(**spec["prepare"])
+    prepare = PrepareConfig.from_dict(spec["prepare"], source="the study's prepare settings")
     hardware = resolve_hardware(spec.get("device", "cpu"), spec.get("amp"))
     ensemble = Ensemble.load(Path(spec["model_dir"]), hardware=hardware)
     dice = {}

@@ -2,12 +2,11 @@
 
 Reads what the earlier steps left in ``OUT`` (fold metrics, federated rounds,
 per-case Dice), builds the validation curves and one example slice per site,
-writes ``results.json`` and hands everything to :func:`fedseg.study.report.write_report`.
+writes ``results.json`` and hands everything to :func:`fedseg.report.write_report`.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from collections.abc import Sequence
@@ -17,14 +16,17 @@ import numpy as np
 
 from fedseg import __version__
 from fedseg.data.layout import gland_mask
+from fedseg.data.preprocess import read_case_meta
 from fedseg.data.volume import load_volume
 from fedseg.metrics import dice_coefficient
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.inference import Ensemble
 from fedseg.io import read_json, write_json
-from fedseg.study.convergence import FoldCurve, convergence_lines, epoch_dice, fold_curves
+from fedseg.modeldir import MODEL_JSON, read_model_record
+from fedseg.evaluation.convergence import FoldCurve
+from fedseg.report import Curve, ExampleSlice, convergence_lines, tables_text, write_report
+from fedseg.study.convergence import epoch_dice, fold_curves
 from fedseg.study.finding import finding_lines, findings
-from fedseg.study.report import Curve, ExampleSlice, tables_text, write_report
 
 if TYPE_CHECKING:
     from fedseg.study.pipeline import StudyRun
@@ -49,9 +51,9 @@ def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
         if not (rundir.root / "run.json").is_file():
             continue
         series: dict[str, dict[int, float]] = defaultdict(dict)
-        for entry in rundir.rounds():
-            for site, values in entry["sites"].items():
-                series[site][int(entry["round"]) + 1] = float(values["val_dice"])
+        for entry in rundir.round_records():
+            for site, values in entry.sites.items():
+                series[site][entry.round + 1] = values.val_dice
         for site, points in series.items():
             fl_by_site[site].append(points)
     curves: dict[str, list[Curve]] = {}
@@ -67,13 +69,13 @@ def validation_curves(run: StudyRun) -> dict[str, list[Curve]]:
 
 def _example(ensemble: Ensemble, site_name: str, prepared: Path, case: str) -> ExampleSlice:
     """The case on its original grid; a 4-D (Decathlon) source is shown on the prepared grid instead."""
-    meta = json.loads((prepared / "meta" / f"{case}.json").read_text())
-    image = load_volume(meta["sources"]["image"]["path"])
+    meta = read_case_meta(prepared / "meta" / f"{case}.json")
+    image = load_volume(meta.sources["image"].path)
     if image.array.ndim == 4:
         image = load_volume(prepared / "images" / f"{case}.nii.gz")
         truth = load_volume(prepared / "labels" / f"{case}.nii.gz").array > 0
         return _slice(site_name, case, image.array, truth, ensemble.probability(image.array) > 0.5)
-    truth = gland_mask(load_volume(meta["sources"]["label"]["path"]).array) > 0
+    truth = gland_mask(load_volume(meta.sources["label"].path).array) > 0
     return _slice(site_name, case, image.array, truth, ensemble.predict(image).array > 0)
 
 
@@ -138,12 +140,12 @@ def hardware_lines(run: StudyRun) -> list[str]:
     """What each model's folds were actually trained on, as model.json recorded it."""
     lines = []
     for model in run.models:
-        path = run.model_dir(model) / "model.json"
-        folds = read_json(path)["folds"] if path.is_file() else []
+        path = run.model_dir(model) / MODEL_JSON
+        folds = read_model_record(run.model_dir(model)).folds if path.is_file() else []
         used = sorted({
-            f"{entry['trained_with']['description']}"
-            + (f", {entry['trained_with']['processes']} processes" if entry["trained_with"].get("processes", 1) > 1 else "")
-            for entry in folds if "trained_with" in entry
+            f"{entry.trained_with['description']}"
+            + (f", {entry.trained_with['processes']} processes" if entry.trained_with.get("processes", 1) > 1 else "")
+            for entry in folds if entry.trained_with
         })
         if used:
             lines.append(f"{model} trained on: {'; '.join(used)}")

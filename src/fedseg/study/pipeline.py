@@ -28,7 +28,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ from fedseg.federation.protocol.settings import settings_differences
 from fedseg.study.workers import run_jobs
 from fedseg.study.profiles import Settings
 from fedseg.io import read_json, write_json
+from fedseg.modeldir import MODEL_JSON, FoldOutcome, ModelRecord, open_model_dir, read_model_record, record_fold
+from fedseg.schema import write_toml
 from fedseg.training.config import without_machine_options
 from fedseg.training.data import PreparedSite, resolve_site
-from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 from fedseg.training.pretrain import phantom_provenance, starting_weights
 
 SMALL_SITES_TRAIN_CASES = 10  # below this many training cases at a site, suggest the small-sites profile
@@ -125,7 +126,7 @@ class StudyRun:
             raise FedsegError(f"{self.out}: not empty and not a fedseg study; choose a new --out folder")
         else:
             write_json(path, self.record)
-        (self.out / "study.toml").write_text(self.settings.study.to_toml(), encoding="utf-8")
+        write_toml(self.out / "study.toml", self.settings.study.tables())
 
     def _done(self, step: str) -> dict[str, Any] | None:
         path = self.out / "steps" / f"{step}.json"
@@ -242,7 +243,7 @@ class StudyRun:
         trained_on = [{"site": s.name, "source": str(s.source)} for s in sites]
         train, prepare = self.settings.study.train, self.settings.study.prepare
         init = phantom_provenance(train, prepare, self.out / "cache")
-        open_model_dir(self.model_dir(model), model_record(train, prepare, trained_on, init))
+        open_model_dir(self.model_dir(model), ModelRecord.new(train, prepare, trained_on, init))
 
     def _starting_weights(self) -> None:
         """Make the phantom starting weights (``init = "phantom"``) once, here, before the workers need them."""
@@ -257,14 +258,14 @@ class StudyRun:
             "sites": [str(s.prepared) for s in sites],
             "cache": str(self.out / "cache"),
             "train": self.settings.study.train.to_dict(),
-            "prepare": asdict(self.settings.study.prepare),
+            "prepare": self.settings.study.prepare.to_dict(),
         }
 
     def _fold_finished(self, model: str, fold: int) -> bool:
-        record = read_json(self.model_dir(model) / "model.json")
         train = self.settings.study.train
         return any(
-            entry["fold"] == fold and train.training_done(entry["epochs"], entry["best_epoch"]) for entry in record["folds"]
+            entry.fold == fold and train.training_done(entry.epochs, entry.best_epoch)
+            for entry in read_model_record(self.model_dir(model)).folds
         )
 
     def step_train(self) -> None:
@@ -303,7 +304,7 @@ class StudyRun:
         self._sites_ready()
         fl_run, folds = self.out / "fl", list(range(self.n_folds))
         done = self._done("federate")
-        if done and done.get("folds") == folds and (self.model_dir(FL) / "model.json").is_file():
+        if done and done.get("folds") == folds and (self.model_dir(FL) / MODEL_JSON).is_file():
             self.say("federate: FL ensemble already trained (skipped)")
             return
         self._starting_weights()  # the server starts the global model from them
@@ -338,7 +339,7 @@ class StudyRun:
         return sets
 
     def _model_stamp(self, model: str) -> str:
-        return (self.model_dir(model) / "model.json").read_text()
+        return (self.model_dir(model) / MODEL_JSON).read_text(encoding="utf-8")  # the text: any change is a new model
 
     def step_evaluate(self) -> None:
         self._sites_ready()
@@ -351,7 +352,7 @@ class StudyRun:
                     continue
             specs.append({
                 "model": model, "model_dir": str(self.model_dir(model)), "test_sets": sets,
-                "cache": str(self.out / "cache"), "prepare": asdict(self.settings.study.prepare),
+                "cache": str(self.out / "cache"), "prepare": self.settings.study.prepare.to_dict(),
                 "threads": self.settings.study.train.threads,
                 "device": self.settings.study.train.device, "amp": self.settings.study.train.amp,
             })

@@ -33,23 +33,26 @@ Profiles:
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
-from fedseg.federation.config import FederationConfig, StudyConfig, read_toml
-from fedseg.study.seeds import check_seeds
+from fedseg.federation.config import FederationConfig, StudyConfig
+from fedseg.schema import Integer, Number, Table, must_be, read_toml
 from fedseg.training.config import TrainConfig
 from fedseg.training.device import resolve_hardware
 
 __all__ = ["PROFILES", "Settings", "StudyPlan", "load_settings"]
 
+Count = Annotated[Integer, Field(ge=1)]
+SEEDS = "distinct integers >= 0, e.g. [0, 1, 2]"
 
-@dataclass(frozen=True)
-class StudyPlan:
+
+class StudyPlan(Table):
     """The ``[study]`` table: data to synthesise and how to run the steps.
 
     Attributes:
@@ -67,31 +70,33 @@ class StudyPlan:
             one study with ``seed``.
     """
 
-    cases: int = 100
-    external_cases: int = 40
-    resolution_scale: float = 1.0
-    seed: int = 0
-    workers: int = 1
-    folds: int | None = None
-    seeds: list[int] | None = None
+    toml_table = "study"
 
-    def __post_init__(self) -> None:
-        for name in ("cases", "external_cases", "workers"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise FedsegError(f"study.{name} must be an integer >= 1, got {value!r}")
-        if self.cases < 3:
-            raise FedsegError(f"study.cases must be >= 3 (a site needs a test case and two folds), got {self.cases}")
-        if not isinstance(self.resolution_scale, int | float) or not (
-            math.isfinite(self.resolution_scale) and self.resolution_scale >= 1
-        ):
-            raise FedsegError(f"study.resolution_scale must be a number >= 1, got {self.resolution_scale!r}")
-        if type(self.seed) is not int:
-            raise FedsegError(f"study.seed must be an integer, got {self.seed!r}")
-        if self.seeds is not None:
-            check_seeds(self.seeds, "study.seeds")
-        if self.folds is not None and (type(self.folds) is not int or self.folds < 1):
-            raise FedsegError(f"study.folds must be an integer >= 1 (fold models per ensemble), got {self.folds!r}")
+    cases: Annotated[Integer, Field(ge=3), must_be("an integer >= 3 (a site needs a test case and two folds)")] = 100
+    external_cases: Count = 40
+    resolution_scale: Annotated[Number, Field(ge=1)] = 1.0
+    seed: Integer = 0
+    workers: Count = 1
+    folds: Annotated[Integer, Field(ge=1), must_be("an integer >= 1 (fold models per ensemble)")] | None = None
+    seeds: Annotated[list[Annotated[Integer, Field(ge=0)]], must_be(SEEDS)] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+            raise ValueError(f"must be {SEEDS}")
+        return seeds
+
+
+class StudyTables(Table):
+    """What ``study.toml`` may hold: the ``[study]`` table and a federated study's three (validated together)."""
+
+    entries = "table"
+
+    study: StudyPlan = StudyPlan()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    prepare: PrepareConfig = PrepareConfig()
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,12 @@ class Settings:
 
     def with_seeds(self, seeds: tuple[int, ...] | list[int]) -> Settings:
         """These settings for a multi-seed study (``--seeds``)."""
-        return dataclasses.replace(self, plan=dataclasses.replace(self.plan, seeds=list(seeds)))
+        return dataclasses.replace(self, plan=self.plan.replace(seeds=list(seeds)))
 
     def for_seed(self, seed: int) -> Settings:
         """These settings for one seed of a multi-seed study: synthesis and training both use ``seed``."""
-        plan = dataclasses.replace(self.plan, seed=seed, seeds=None)
-        study = dataclasses.replace(self.study, train=self.study.train.replace(seed=seed))
+        plan = self.plan.replace(seed=seed, seeds=None)
+        study = self.study.replace(train=self.study.train.replace(seed=seed))
         return dataclasses.replace(self, plan=plan, study=study)
 
     def on_device(self, device: str) -> Settings:
@@ -152,15 +157,15 @@ class Settings:
         """
         hardware = resolve_hardware(device, self.study.train.amp)
         train = self.study.train.replace(device=str(hardware.device))
-        return dataclasses.replace(self, study=dataclasses.replace(self.study, train=train))
+        return dataclasses.replace(self, study=self.study.replace(train=train))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "profile": self.profile,
-            "study": asdict(self.plan),
+            "study": self.plan.to_dict(),
             "federation": self.study.federation.to_dict(),
             "train": self.study.train.to_dict(),
-            "prepare": asdict(self.study.prepare),
+            "prepare": self.study.prepare.to_dict(),
         }
 
 
@@ -203,12 +208,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 _TABLES = ("study", "federation", "train", "prepare")
 
 
-def _merged(profile: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    merged = {table: dict(PROFILES[profile].get(table, {})) for table in _TABLES}
+def _merged(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The profile's tables with ``overrides``' keys in place of theirs (``[train.augment]`` key by key too)."""
+    merged: dict[str, Any] = {**overrides, **{table: dict(PROFILES[profile].get(table, {})) for table in _TABLES}}
     for table in _TABLES:
         value = overrides.get(table, {})
         if not isinstance(value, dict):
-            raise FedsegError(f"{table} must be a TOML table")
+            merged[table] = value  # reported by the validation, naming the table
+            continue
         if table == "train" and isinstance(value.get("augment"), dict):
             merged[table]["augment"] = {**merged[table].get("augment", {}), **value["augment"]}
             value = {k: v for k, v in value.items() if k != "augment"}
@@ -225,28 +232,6 @@ def load_settings(profile: str = "demo", config: Path | None = None) -> Settings
     if profile not in PROFILES:
         raise FedsegError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     overrides = read_toml(config) if config is not None else {}
-    unknown = sorted(set(overrides) - set(_TABLES))
-    if unknown:
-        raise FedsegError(f"{config}: unknown table(s) {unknown}; a study config has the tables {', '.join(_TABLES)}")
-    merged = _merged(profile, overrides)
     source = str(config) if config is not None else f"profile {profile}"
-    known = {f.name for f in dataclasses.fields(StudyPlan)}
-    extra = sorted(set(merged["study"]) - known)
-    if extra:
-        raise FedsegError(f"{source}: unknown option(s) in the study table {extra}; known: {sorted(known)}")
-    try:
-        prepare = PrepareConfig(**merged["prepare"])
-    except TypeError as exc:
-        raise FedsegError(f"{source}: prepare table: {exc}") from exc
-    train = merged["train"]
-    if "patch_size" in train and train["patch_size"] is not None:
-        train = {**train, "patch_size": tuple(train["patch_size"])}
-    return Settings(
-        profile,
-        StudyPlan(**merged["study"]),
-        StudyConfig(
-            FederationConfig.from_dict(merged["federation"], source),
-            TrainConfig.from_dict(train, source),
-            prepare,
-        ),
-    )
+    tables = StudyTables.from_dict(_merged(profile, overrides), source)
+    return Settings(profile, tables.study, StudyConfig(tables.federation, tables.train, tables.prepare))

@@ -11,7 +11,6 @@ The comparisons are :mod:`fedseg.study.finding`'s.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from typing import Any
 
 from fedseg.errors import FedsegError
 from fedseg.evaluation.crosssite import OVERALL, CrossSiteTable
+from fedseg.io import write_json, write_text
 from fedseg.study.finding import Finding, findings_of_table, results_table
 
 __all__ = ["parse_seeds", "seed_folder", "write_robustness"]
@@ -84,8 +84,8 @@ def write_robustness(out: Path, per_seed: Mapping[int, Mapping[str, Any]]) -> tu
         "note": NUMERICS_NOTE,
     }
     path = Path(out) / "robustness.md"
-    path.write_text(_markdown(seeds, claims, by_seed, means), encoding="utf-8")
-    (Path(out) / "robustness.json").write_text(json.dumps(record, indent=1, allow_nan=False))
+    write_text(path, _markdown(seeds, claims, by_seed, means))
+    write_json(Path(out) / "robustness.json", record)
     return path, record
 
 

@@ -7,7 +7,8 @@ stdin (``{"job": ..., "spec": {...}}``) and answers one JSON line on stdout
 (``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": traceback}``);
 its other output goes to a log file. Workers stay up for all the jobs of a
 step, so torch and MONAI are imported once per worker, not once per job.
-The first failure stops the others and raises with the job's traceback.
+The first failure stops the others and raises with the job's traceback;
+whatever ends the run, every worker is stopped and reaped (:mod:`fedseg.processes`).
 """
 
 from __future__ import annotations
@@ -20,34 +21,30 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
-from fedseg.pipes import STOP_TIMEOUT_S, JsonLinesChild
 from fedseg.io import loads_json
+from fedseg.pipes import JsonLinesChild
+from fedseg.processes import STOP_TIMEOUT_S, Supervisor
 
 __all__ = ["run_jobs"]
 
 LOG_TAIL_LINES = 25
+BUSY_STOP_S = 0.1  # a worker stopped in the middle of a job is killed at once: its result is not wanted
 
 
 class _Worker(JsonLinesChild):
     """One ``--serve`` process; its replies go to the pool's shared queue."""
 
-    def __init__(self, log: Path, replies: queue.Queue) -> None:
-        self.log = log
+    def __init__(self, number: int, log: Path, replies: queue.Queue) -> None:
+        super().__init__([sys.executable, "-m", "fedseg.study.jobs", "--serve"], log=log, replies=replies, name=f"worker {number}")
         self.job_index: int | None = None
-        with log.open("wb") as err:
-            super().__init__([sys.executable, "-m", "fedseg.study.jobs", "--serve"], stderr=err, replies=replies)
 
     def submit(self, job: str, index: int, spec: dict[str, Any]) -> None:
-        self.job_index = index
+        self.job_index, self.stop_timeout_s = index, BUSY_STOP_S
         self.send({"job": job, "spec": spec})
 
-    def log_tail(self) -> str:
-        lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
-        return "\n".join(f"    {line}" for line in lines) or "    (no output)"
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """An idle worker gets time to exit; one still busy with a job is killed at once."""
-        return super().stop(timeout_s if self.job_index is None else 0.1)
+    def done(self) -> None:
+        """The job's reply arrived: idle again, and given time to exit when stopped."""
+        self.job_index, self.stop_timeout_s = None, STOP_TIMEOUT_S
 
 
 def run_jobs(job: str, specs: list[dict[str, Any]], workers: int, work_dir: Path) -> Iterator[dict[str, Any]]:
@@ -74,24 +71,20 @@ def run_jobs(job: str, specs: list[dict[str, Any]], workers: int, work_dir: Path
 def _run_in_workers(job: str, specs: list[dict[str, Any]], workers: int, folder: Path) -> Iterator[dict[str, Any]]:
     replies: queue.Queue = queue.Queue()
     waiting = list(enumerate(specs))
-    pool = [_Worker(folder / f"worker{i}.log", replies) for i in range(workers)]
-    try:
-        for worker in pool:
-            worker.submit(job, *waiting.pop(0))
+    with Supervisor() as pool:  # done, failed, interrupted or abandoned: no orphans
+        for i in range(workers):
+            pool.add(_Worker(i, folder / f"worker{i}.log", replies)).submit(job, *waiting.pop(0))
         for _ in specs:
             worker, line = replies.get()
             if line is None:
                 code = worker.process.wait()
                 raise FedsegError(f"a study {job} worker stopped (exit code {code}) during job {worker.job_index}; "
-                                  f"its output ended with:\n{worker.log_tail()}")
+                                  f"its output ended with:\n{worker.log_tail(LOG_TAIL_LINES)}")
             reply = loads_json(line)
             if not reply.get("ok"):
                 tail = "\n".join(f"    {x}" for x in str(reply.get("error")).splitlines()[-LOG_TAIL_LINES:])
                 raise FedsegError(f"study {job} job {worker.job_index} failed:\n{tail}")
-            worker.job_index = None
+            worker.done()
             if waiting:  # keep the worker busy while the caller handles this result
                 worker.submit(job, *waiting.pop(0))
             yield reply["result"]
-    finally:
-        for worker in pool:  # done, failed, interrupted or abandoned: no orphans
-            worker.stop()

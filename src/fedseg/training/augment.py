@@ -11,12 +11,12 @@ and label stay aligned:
 4. spatial: rotation and scaling (one affine), elastic deformation.
 
 Spatial transforms run on the cropped patch, not the whole volume, which is
-what keeps augmentation cheaper than the network step on a CPU.
+what keeps augmentation cheaper than the network step on a CPU. The
+probabilities and ranges are :class:`fedseg.training.config.AugmentConfig`
+(the ``[train.augment]`` table).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from monai.transforms import (
@@ -32,35 +32,9 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
+from fedseg.training.config import AugmentConfig  # the [train.augment] table: probabilities and ranges
+
 KEYS = ("image", "label")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Probabilities and ranges of the stacked transforms (0 disables one)."""
-
-    blur_prob: float = 0.2
-    blur_sigma: tuple[float, float] = (0.25, 1.0)
-    sharpen_prob: float = 0.1
-    noise_prob: float = 0.2
-    noise_std: float = 0.1
-    brightness_prob: float = 0.3
-    brightness_shift: float = 0.2
-    contrast_prob: float = 0.3
-    contrast_scale: float = 0.2
-    gamma_prob: float = 0.2
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    affine_prob: float = 0.3
-    rotate_deg: float = 15.0
-    scale_range: float = 0.15
-    elastic_prob: float = 0.1
-    elastic_sigma: tuple[float, float] = (5.0, 7.0)
-    elastic_magnitude: tuple[float, float] = (50.0, 150.0)
-
-    @classmethod
-    def off(cls) -> AugmentConfig:
-        """No augmentation at all (cropping still happens)."""
-        return cls(**{name: 0.0 for name in cls.__dataclass_fields__ if name.endswith("_prob")})
 
 
 def crop_transform(patch: tuple[int, int, int], samples: int, pos_neg_ratio: float) -> RandCropByPosNegLabeld:

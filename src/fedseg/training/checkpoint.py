@@ -23,7 +23,6 @@ from fedseg.errors import FedsegError
 from fedseg.io import commit_file, partial_path, read_json, write_json
 
 SIDECAR_FORMAT = 1
-MODEL_JSON = "model.json"  # how to use a model directory (written by fit, read by inference)
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:

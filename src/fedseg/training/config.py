@@ -1,32 +1,72 @@
-"""Training hyperparameters: one frozen dataclass, readable from TOML.
+"""Training hyperparameters: the ``[train]`` table (with ``[train.augment]``), frozen and validated.
 
 Defaults follow the paper where it says something (soft Dice, Adam,
 validation-Dice-driven learning-rate decay, BigAug, crops balanced by
-foreground/background) and are sized for a CPU otherwise.
+foreground/background) and are sized for a CPU otherwise. Types, ranges and
+choices are the fields' own (pydantic); :func:`fedseg.schema.explain` turns a
+mistake into a message naming the file, the key and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tomllib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from fedseg.errors import FedsegError
 from fedseg.models import check_patch, network_spec
-from fedseg.training.augment import AugmentConfig
+from fedseg.schema import Bool, Integer, Number, Table, Text, must_be, read_toml
 from fedseg.training.device import DEVICE_CHOICES, DEVICE_PATTERN
 
-AUGMENT_ENGINES = ("batched", "monai")
-INIT_CHOICES = ("random", "phantom")
+__all__ = [
+    "AUGMENT_ENGINES", "INIT_CHOICES", "MACHINE_OPTIONS", "AugmentConfig", "TrainConfig", "load_train_config", "read_toml",
+    "without_machine_options",
+]
+
+AugmentEngine = Literal["batched", "monai"]
+Init = Literal["random", "phantom"]
+AUGMENT_ENGINES: tuple[str, ...] = get_args(AugmentEngine)
+INIT_CHOICES: tuple[str, ...] = get_args(Init)
 MACHINE_OPTIONS = ("threads", "device", "amp", "channels_last", "loader_workers")
 """Options that say how this machine computes, not what: never compared across machines or on resume."""
 
+Probability = Annotated[Number, Field(ge=0, le=1)]
+NonNegative = Annotated[Number, Field(ge=0)]
+Range = tuple[NonNegative, NonNegative]
+Count = Annotated[Integer, Field(ge=1)]
 
-@dataclass(frozen=True)
-class TrainConfig:
+
+class AugmentConfig(Table):
+    """Probabilities and ranges of the stacked BigAug transforms (0 disables one; see :mod:`fedseg.training.augment`)."""
+
+    toml_table = "train.augment"
+
+    blur_prob: Probability = 0.2
+    blur_sigma: Range = (0.25, 1.0)
+    sharpen_prob: Probability = 0.1
+    noise_prob: Probability = 0.2
+    noise_std: NonNegative = 0.1
+    brightness_prob: Probability = 0.3
+    brightness_shift: NonNegative = 0.2
+    contrast_prob: Probability = 0.3
+    contrast_scale: NonNegative = 0.2
+    gamma_prob: Probability = 0.2
+    gamma_range: Range = (0.7, 1.5)
+    affine_prob: Probability = 0.3
+    rotate_deg: NonNegative = 15.0
+    scale_range: NonNegative = 0.15
+    elastic_prob: Probability = 0.1
+    elastic_sigma: Range = (5.0, 7.0)
+    elastic_magnitude: Range = (50.0, 150.0)
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        """No augmentation at all (cropping still happens)."""
+        return cls(**{name: 0.0 for name in cls.model_fields if name.endswith("_prob")})
+
+
+class TrainConfig(Table):
     """Everything that determines a training run (with the data and the seed).
 
     Attributes:
@@ -68,59 +108,50 @@ class TrainConfig:
     not compared when resuming or between the sites of a study.
     """
 
-    network: str = "unet-small"
-    epochs: int = 40
-    learning_rate: float = 2e-3
-    batch_size: int = 4
-    patch_size: tuple[int, int, int] | None = None
-    samples_per_volume: int = 2
-    pos_neg_ratio: float = 1.0
-    lr_patience: int = 5
-    lr_factor: float = 0.5
-    min_lr: float = 1e-5
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.25
-    seed: int = 0
-    threads: int | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    augment_engine: str = "batched"
-    val_every: int = 1
-    init: str = "random"
-    stop_patience: int | None = None
-    device: str = "auto"
-    amp: bool | None = None
-    channels_last: bool = True
-    loader_workers: int | None = None
+    toml_table = "train"
 
-    def __post_init__(self) -> None:
-        network_spec(self.network)
-        self._check_engine_options()
-        if self.patch_size is not None:
-            object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-            check_patch(self.network, self.patch)
-        for name in ("epochs", "batch_size", "samples_per_volume", "sw_batch_size"):
-            if getattr(self, name) < 1:
-                raise FedsegError(f"training option {name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise FedsegError(f"learning_rate must be positive, got {self.learning_rate}")
+    network: Text = "unet-small"
+    epochs: Count = 40
+    learning_rate: Annotated[Number, Field(gt=0)] = 2e-3
+    batch_size: Count = 4
+    patch_size: tuple[Integer, Integer, Integer] | None = None
+    samples_per_volume: Count = 2
+    pos_neg_ratio: NonNegative = 1.0
+    lr_patience: Annotated[Integer, Field(ge=0)] = 5
+    lr_factor: Annotated[Number, Field(gt=0, lt=1)] = 0.5
+    min_lr: NonNegative = 1e-5
+    sw_batch_size: Count = 4
+    sw_overlap: Annotated[Number, Field(ge=0, lt=1)] = 0.25
+    seed: Annotated[Integer, Field(ge=0)] = 0
+    threads: Count | None = None
+    augment: AugmentConfig = AugmentConfig()
+    augment_engine: AugmentEngine = "batched"
+    val_every: Count = 1
+    init: Init = "random"
+    stop_patience: Annotated[Integer, Field(ge=1), must_be("an integer >= 1 (epochs)")] | None = None
+    device: Annotated[Text, Field(pattern=f"^(?:{DEVICE_PATTERN.pattern})$"), must_be(DEVICE_CHOICES)] = "auto"
+    amp: Bool | None = None
+    channels_last: Bool = True
+    loader_workers: Annotated[Integer, Field(ge=0)] | None = None
 
-    def _check_engine_options(self) -> None:
-        if self.augment_engine not in AUGMENT_ENGINES:
-            raise FedsegError(f"train.augment_engine must be one of {', '.join(AUGMENT_ENGINES)}, got {self.augment_engine!r}")
-        if type(self.val_every) is not int or self.val_every < 1:
-            raise FedsegError(f"train.val_every must be an integer >= 1, got {self.val_every!r}")
-        if self.init not in INIT_CHOICES:
-            raise FedsegError(f"train.init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
-        if self.stop_patience is not None and (type(self.stop_patience) is not int or self.stop_patience < 1):
-            raise FedsegError(f"train.stop_patience must be an integer >= 1 (epochs), got {self.stop_patience!r}")
-        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
-            raise FedsegError(f"train.device must be {DEVICE_CHOICES}, got {self.device!r}")
-        if self.amp is not None and not isinstance(self.amp, bool):
-            raise FedsegError(f"train.amp must be true or false, got {self.amp!r}")
-        if not isinstance(self.channels_last, bool):
-            raise FedsegError(f"train.channels_last must be true or false, got {self.channels_last!r}")
-        if self.loader_workers is not None and (type(self.loader_workers) is not int or self.loader_workers < 0):
-            raise FedsegError(f"train.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+    @field_validator("network")
+    @classmethod
+    def _registered(cls, network: str) -> str:
+        try:
+            network_spec(network)
+        except FedsegError as exc:
+            raise ValueError(str(exc)) from None
+        return network
+
+    @field_validator("patch_size")
+    @classmethod
+    def _suits_the_network(cls, patch: tuple[int, int, int] | None, info: ValidationInfo) -> tuple[int, int, int] | None:
+        if patch is not None and "network" in info.data:  # an unknown network is reported on its own
+            try:
+                check_patch(info.data["network"], patch)
+            except FedsegError as exc:
+                raise ValueError(str(exc)) from None
+        return patch
 
     def without_machine_options(self) -> dict[str, Any]:
         """:meth:`to_dict` less the options each machine chooses for itself."""
@@ -141,46 +172,13 @@ class TrainConfig:
         return self.patch_size or network_spec(self.network).default_patch
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-shaped (tuples as lists), so it compares equal to what a sidecar stores."""
-        data = asdict(self)
-        data["patch_size"] = list(self.patch)
-        return json.loads(json.dumps(data))
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a plain dict (TOML table or JSON sidecar); unknown keys are errors."""
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FedsegError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
-        augment = data.pop("augment", {}) or {}
-        aug_known = {f.name for f in dataclasses.fields(AugmentConfig)}
-        if bad := sorted(set(augment) - aug_known):
-            raise FedsegError(f"{source}: unknown augment option(s) {bad}")
-        augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
-        if isinstance(data.get("patch_size"), list):
-            data["patch_size"] = tuple(data["patch_size"])
-        try:
-            return cls(**data, augment=AugmentConfig(**augment))
-        except TypeError as exc:
-            raise FedsegError(f"{source}: {exc}") from exc
+        """JSON-shaped, with the patch the network will use written out (what a sidecar stores)."""
+        return {**super().to_dict(), "patch_size": list(self.patch)}
 
 
 def without_machine_options(train: dict[str, Any]) -> dict[str, Any]:
     """A ``[train]`` dict (a config's, or one recorded in JSON) less :data:`MACHINE_OPTIONS`."""
     return {k: v for k, v in train.items() if k not in MACHINE_OPTIONS}
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as a dict; an unreadable or malformed file raises FedsegError naming it."""
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise FedsegError(f"{path}: cannot read TOML ({exc})") from exc
 
 
 def load_train_config(path: Path) -> TrainConfig:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedseg.data.layout import discover_site
-from fedseg.data.preprocess import MANIFEST, PrepareConfig, prepare_site
+from fedseg.data.preprocess import PrepareConfig, prepare_site, read_case_meta, read_manifest
 from fedseg.data.splits import SPLITS_FILE, Splits, load_splits
 from fedseg.data.volume import load_volume
 from fedseg.errors import DataError
@@ -50,14 +50,9 @@ class CaseArrays:
 
 def cache_folder(cache_root: Path, site_dir: Path, config: PrepareConfig) -> Path:
     """Where a site prepared with ``config`` is cached: one folder per (site path, config)."""
-    key = json.dumps({"site": str(Path(site_dir).resolve()), "config": asdict(config)}, sort_keys=True)
+    key = json.dumps({"site": str(Path(site_dir).resolve()), "config": config.to_dict()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(cache_root) / f"{Path(site_dir).resolve().name}-{config.spacing_mm:g}mm-{digest}"
-
-
-def _is_prepared_with(folder: Path, config: PrepareConfig) -> bool:
-    manifest = folder / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("config") == asdict(config)
 
 
 def resolve_site(
@@ -72,8 +67,9 @@ def resolve_site(
     per case) or a folder already prepared with the same configuration.
     """
     site_dir = Path(site_dir)
-    if _is_prepared_with(site_dir, config):
-        prepared, source = site_dir, Path(json.loads((site_dir / MANIFEST).read_text())["source"])
+    manifest = read_manifest(site_dir)
+    if manifest is not None and manifest.config == config.to_dict():  # a folder already prepared this way
+        prepared, source = site_dir, Path(manifest.source)
     else:
         prepared, source = cache_folder(cache_root, site_dir, config), site_dir
         prepare_site(site_dir, prepared, config, on_case=on_case)
@@ -125,7 +121,7 @@ class SiteData:
         """
         record = []
         for case_id in sorted(case_ids):
-            meta = json.loads((self.site.prepared / "meta" / f"{case_id}.json").read_text())
-            hashes = {role: entry["sha256"] for role, entry in meta["sources"].items()}
-            record.append([case_id, hashes, meta["config"]])
+            meta = read_case_meta(self.site.prepared / "meta" / f"{case_id}.json")
+            hashes = {role: entry.sha256 for role, entry in meta.sources.items()}
+            record.append([case_id, hashes, meta.config])
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

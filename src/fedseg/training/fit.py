@@ -1,11 +1,11 @@
 """The local training loop: epochs of :class:`LocalTrainer`, checkpoints, metrics, resume.
 
-A model directory holds one folder per fold plus ``model.json``::
+A fold folder of a model directory (:mod:`fedseg.modeldir` owns the format
+and ``model.json``) holds what training leaves::
 
-    MODEL_DIR/model.json                 how to use the model (network, preprocessing, folds)
     MODEL_DIR/fold<k>/best.safetensors   weights with the best validation Dice (+ best.json)
     MODEL_DIR/fold<k>/last.*             weights, optimiser, scheduler after the last epoch
-    MODEL_DIR/fold<k>/metrics.jsonl|csv  one row per epoch
+    MODEL_DIR/fold<k>/metrics.jsonl|csv  one row per epoch (strict JSON: a NaN is written as null)
 
 Training a fold whose ``last`` checkpoint exists continues after its epoch
 (same configuration and data required), so an interrupted run loses at most
@@ -15,22 +15,22 @@ the epoch in progress.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedseg import __version__
-from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
+from fedseg.io import append_jsonl, dumps_json, read_jsonl, write_text
+from fedseg.modeldir import FoldOutcome, model_record, open_model_dir, record_fold
 from fedseg.models import build_model
-from fedseg.training.checkpoint import MODEL_JSON, load_checkpoint, save_checkpoint
-from fedseg.io import read_json, write_json
+from fedseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import CaseArrays, PreparedSite, SiteData
 from fedseg.training.engine import EpochResult, LocalTrainer
@@ -38,22 +38,12 @@ from fedseg.training.engine import EpochResult, LocalTrainer
 if TYPE_CHECKING:
     from fedseg.training.distributed import DataParallel
 
-MODEL_FORMAT = 1
+__all__ = [  # FoldOutcome, model_record, open_model_dir, record_fold: fedseg.modeldir's, still importable from here
+    "METRIC_FIELDS", "FoldOutcome", "MetricsLog", "TrainingSet", "config_differences", "fold_training_set", "hardware_record",
+    "model_record", "open_model_dir", "record_fold", "train_fold", "training_set",
+]
+
 METRIC_FIELDS = ("epoch", "train_loss", "val_dice", "learning_rate", "seconds", "device")
-
-
-@dataclass(frozen=True)
-class FoldOutcome:
-    """Summary of one fold's training."""
-
-    fold: int
-    best_val_dice: float
-    best_epoch: int
-    epochs: int
-    seconds: float
-    resumed_from: int  # 0 when started fresh
-    hardware: dict[str, Any] | None = None  # device, amp and processes that trained it (None: not recorded)
-    stopped_early: bool = False  # ended on a validation plateau (``stop_patience``) before ``epochs``
 
 
 @dataclass(frozen=True)
@@ -93,6 +83,11 @@ def training_set(sites: list[PreparedSite], fold: int, patch: tuple[int, int, in
     )
 
 
+def _number_or_none(value: Any) -> Any:
+    """A metric as strict JSON: NaN or infinity (no validation cases, a diverged loss) becomes null, "no number"."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsLog:
     """Per-epoch metrics as JSONL and CSV (and TensorBoard when asked)."""
 
@@ -103,20 +98,17 @@ class MetricsLog:
     def truncate_after(self, epoch: int) -> None:
         """Drop rows of epochs not covered by the checkpoint being resumed."""
         rows = [r for r in self.rows() if r["epoch"] <= epoch]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text(self.jsonl, "".join(dumps_json(r) + "\n" for r in rows))
         self._rewrite_csv(rows)
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.jsonl.is_file():
-            return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.jsonl)
 
     def append(self, result: EpochResult) -> None:
-        row = {name: getattr(result, name) for name in METRIC_FIELDS}
+        row = {name: _number_or_none(getattr(result, name)) for name in METRIC_FIELDS}
         if not result.validated:
-            row["val_dice"] = None  # not validated this epoch (val_every): no number, not a NaN
-        with self.jsonl.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            row["val_dice"] = None  # not validated this epoch (val_every): no number
+        append_jsonl(self.jsonl, row)
         self._rewrite_csv(self.rows())
         if self._writer is not None:
             for name in ("train_loss", "val_dice", "learning_rate", "seconds"):
@@ -125,10 +117,11 @@ class MetricsLog:
             self._writer.flush()
 
     def _rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
-        with self.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.csv, text.getvalue())
 
 
 def _tensorboard_writer(folder: Path):
@@ -247,61 +240,3 @@ def train_fold(
         fold, best_dice, best_epoch, trainer.epoch, time.perf_counter() - start, resumed_from, hardware_record(trainer),
         config.stopped_early(trainer.epoch, best_epoch),
     )
-
-
-def model_record(
-    config: TrainConfig, prepare: PrepareConfig, trained_on: list[dict[str, str]], init: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The content of ``model.json`` before any fold is trained; ``init``: the starting weights' provenance."""
-    return {
-        "format": MODEL_FORMAT,
-        "fedseg_version": __version__,
-        "network": config.network,
-        "in_channels": 1,
-        "out_channels": 2,
-        "preprocessing": asdict(prepare),
-        "inference": {
-            "patch_size": list(config.patch),
-            "sw_batch_size": config.sw_batch_size,
-            "sw_overlap": config.sw_overlap,
-            "keep_largest_component": True,
-        },
-        "ensemble": "mean of the fold models' softmax probabilities, threshold 0.5",
-        "train_config": config.to_dict(),
-        "trained_on": trained_on,
-        **({"init": init} if init is not None else {}),
-        "folds": [],
-    }
-
-
-def open_model_dir(model_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Create ``model.json`` or check that an existing one describes the same model."""
-    path = Path(model_dir) / MODEL_JSON
-    if path.is_file():
-        existing = read_json(path)
-        for key in ("network", "preprocessing", "trained_on"):
-            if existing.get(key) != record[key]:
-                raise FedsegError(f"{path}: {key} differs from this run ({existing.get(key)} vs {record[key]}); use another --out")
-        return existing
-    write_json(path, record)
-    return record
-
-
-def record_fold(model_dir: Path, outcome: FoldOutcome) -> None:
-    """Add or replace a fold's entry in ``model.json``."""
-    path = Path(model_dir) / MODEL_JSON
-    record = read_json(path)
-    folds = [f for f in record["folds"] if f["fold"] != outcome.fold]
-    folds.append(
-        {
-            "fold": outcome.fold,
-            "weights": f"fold{outcome.fold}/best.safetensors",
-            "best_val_dice": outcome.best_val_dice,
-            "best_epoch": outcome.best_epoch,
-            "epochs": outcome.epochs,
-            **({"stopped_early": True} if outcome.stopped_early else {}),
-            **({"trained_with": outcome.hardware} if outcome.hardware else {}),
-        }
-    )
-    record["folds"] = sorted(folds, key=lambda f: f["fold"])
-    write_json(path, record)

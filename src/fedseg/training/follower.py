@@ -54,7 +54,7 @@ def _trainer(spec: FollowerSpec, rank: int, world_size: int, local_rank: int, re
     config = TrainConfig.from_dict(spec.train, source="rank 0")
     torch.set_num_threads(process_threads(config.threads, world_size))
     hardware = _hardware(spec, local_rank, config.amp)
-    prepare = PrepareConfig(**spec.prepare)
+    prepare = PrepareConfig.from_dict(spec.prepare, source="rank 0")
     sites = [resolve_site(Path(folder), prepare, Path(spec.cache)) for folder in spec.sites]
     training = training_set(sites, spec.fold, config.patch, validation=False)
     model = build_model(config.network, seed=config.seed)

@@ -25,7 +25,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,13 @@ from fedseg.data.preprocess import PrepareConfig
 from fedseg.data.site_profiles import get_profile
 from fedseg.data.synth import synthesize_site
 from fedseg.errors import FedsegError
+from fedseg.schema import Record
 from fedseg.training.checkpoint import load_weights, save_weights
-from fedseg.io import write_json
 from fedseg.training.config import MACHINE_OPTIONS, TrainConfig
 from fedseg.training.data import SiteData, resolve_site
 from fedseg.training.fit import TrainingSet, train_fold
 
-__all__ = ["PHANTOM_RECIPE", "phantom_provenance", "starting_weights"]
+__all__ = ["PHANTOM_RECIPE", "Provenance", "phantom_provenance", "starting_weights"]
 
 PHANTOM_RECIPE: dict[str, Any] = {
     "sites": ["nci", "suny", "ucla"],
@@ -74,12 +73,28 @@ def starting_weights(
     return load_weights(folder / "weights.safetensors")
 
 
+class Provenance(Record):
+    """``provenance.json``: how the cached starting weights were made (``model.json`` keeps a copy as ``init``)."""
+
+    init: str = "phantom"
+    made_by: str
+    recipe: dict[str, Any]
+    train_config: dict[str, Any]
+    prepare: dict[str, Any]
+    best_val_dice: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    data: str = "synthetic phantoms only (no scan of any site)"
+
+
 def phantom_provenance(config: TrainConfig, prepare: PrepareConfig, cache: Path) -> dict[str, Any] | None:
-    """What ``model.json`` records about the starting weights (None for a random start or before they exist)."""
+    """What ``model.json`` records as ``init`` about the starting weights: their checked ``provenance.json``
+    (None for a random start or before they exist)."""
     path = _folder(config, prepare, cache) / "provenance.json"
     if config.init == "random" or not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return Provenance.read(path).to_dict()
 
 
 def _recipe_config(config: TrainConfig) -> TrainConfig:
@@ -99,8 +114,9 @@ def _folder(config: TrainConfig, prepare: PrepareConfig, cache: Path) -> Path:
         "fedseg_version": __version__,  # the phantom and the engine may change between versions
         "recipe": PHANTOM_RECIPE,
         "train": _recipe_config(config).without_machine_options(),
-        "prepare": asdict(prepare),
+        "prepare": prepare.to_dict(),
     }
+    # the key string must not change between versions of this code: every cached prior would be made again
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache) / "init" / f"phantom-{key}"
 
@@ -147,18 +163,11 @@ def _make(config: TrainConfig, prepare: PrepareConfig, folder: Path, say: Callab
                           f"see {work / 'fold'}")
     weights = load_weights(work / "fold" / "best.safetensors")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "provenance.json", {
-        "init": "phantom",
-        "made_by": f"fedseg {__version__}",
-        "recipe": recipe,
-        "train_config": recipe_config.to_dict(),
-        "prepare": asdict(prepare),
-        "best_val_dice": outcome.best_val_dice,
-        "best_epoch": outcome.best_epoch,
-        "epochs": outcome.epochs,
-        "seconds": round(time.perf_counter() - start, 1),
-        "data": "synthetic phantoms only (no scan of any site)",
-    })
+    Provenance(
+        made_by=f"fedseg {__version__}", recipe=recipe, train_config=recipe_config.to_dict(), prepare=prepare.to_dict(),
+        best_val_dice=outcome.best_val_dice, best_epoch=outcome.best_epoch, epochs=outcome.epochs,
+        seconds=round(time.perf_counter() - start, 1),
+    ).write(folder / "provenance.json")
     save_weights(folder / "weights.safetensors", weights)  # last: its presence means the folder is complete
     shutil.rmtree(work, ignore_errors=True)
     say(f"init = phantom: starting weights ready (phantom validation Dice {outcome.best_val_dice:.3f}, "

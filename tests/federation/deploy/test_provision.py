@@ -1,35 +1,28 @@
-"""Provisioning kits and mutual TLS: files, permissions, chains, and real loopback handshakes."""
+"""Provisioning kits: files, permissions, certificate chains, refusals, and the one site-name rule."""
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
 import os
-import socket
-import ssl
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import string
+from importlib import resources
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedseg.errors import FedsegError
-from fedseg.federation.deploy.provision import (
-    Kit,
-    issue_server_certificate,
-    issue_site_certificate,
-    load_ca,
-    load_kit,
-    provision_study,
-    site_identity,
-)
-from fedseg.federation.transport.tls import client_context, peer_site, server_context
+from fedseg.federation.deploy.kits import readme
+from fedseg.federation.deploy.provision import provision_study
+from fedseg.federation.protocol.constants import DEFAULT_MAX_MESSAGE
+from fedseg.federation.protocol.frames import decode, encode
+from fedseg.federation.protocol.names import SITE_PATTERN, is_site_name
+from fedseg.federation.protocol.schemas import Message, MessageType
+from fedseg.federation.transport.kit import load_kit, site_identity, validate_site_names
 
 SITES = ["nci", "suny", "ucla"]
 KEY_FILES = {"ca": "ca.key", "server": "server.key", **{s: "client.key" for s in SITES}}
@@ -41,25 +34,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return provision_study("localhost", SITES, tmp_path_factory.mktemp("study") / "kits", study="test-study")
 
 
-@pytest.fixture(scope="module")
-def other_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A second, unrelated study with its own CA and a site of the same name."""
-    return provision_study("localhost", ["nci"], tmp_path_factory.mktemp("other") / "kits", study="other-study")
-
-
 def _cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def _write_pair(folder: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, stem: str) -> tuple[Path, Path]:
-    """Write a test key (0600 at creation) and certificate; returns (cert, key) paths."""
-    key_path, cert_path = folder / f"{stem}.key", folder / f"{stem}.pem"
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
 
 
 # --------------------------------------------------------------------------- kit layout
@@ -171,12 +147,6 @@ def test_ipv6_server_name(tmp_path: Path) -> None:
     assert load_kit(kits["a"]).server_url == "wss://[::1]:8443"
 
 
-def test_site_identity_falls_back_to_cn(study: dict[str, Path]) -> None:
-    ca_key, ca_cert = load_ca(study["ca"])
-    _, server = issue_server_certificate(ca_key, ca_cert, "nci-host", days=1)  # no site URI: CN is used
-    assert site_identity(server) == "nci-host"
-
-
 # --------------------------------------------------------------------------- refusals while provisioning
 
 
@@ -224,295 +194,49 @@ def test_bad_options_are_refused(tmp_path: Path, options: dict[str, object]) -> 
         provision_study("localhost", ["a"], tmp_path / "kits", **options)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- load_kit
+# --------------------------------------------------------------------------- the one site-name rule
 
 
-@pytest.fixture
-def fresh(tmp_path: Path) -> dict[str, Path]:
-    """A study this test may damage."""
-    return provision_study("localhost", ["a", "b"], tmp_path / "kits")
+def test_a_name_the_wire_would_refuse_is_refused_when_provisioning(tmp_path: Path) -> None:
+    """Before, a site provisioned as '_nci' got a kit but could never send its own HELLO."""
+    with pytest.raises(FedsegError, match=r"invalid site name\(s\) \['_nci'\]: use 1-64 characters .* starting with a letter or a digit"):
+        provision_study("localhost", ["_nci"], tmp_path / "kits")
+    assert not (tmp_path / "kits").exists()
 
 
-def test_load_kit_reads_server_and_site(study: dict[str, Path]) -> None:
-    server = load_kit(study["server"])
-    assert (server.role, server.name, server.allowed_sites) == ("server", "localhost", frozenset(SITES))
-    assert server.cert == study["server"] / "server.pem" and server.key == study["server"] / "server.key"
-    site = load_kit(study["suny"])
-    assert (site.role, site.name, site.server_url, site.server_name) == (
-        "site", "suny", "wss://localhost:8443", "localhost"
-    )
-    assert site.ca == study["suny"] / "ca.pem"
+def _hello(site: str) -> Message:
+    return Message(MessageType.HELLO, site=site, body={"versions": [1], "software": "fedseg test"})
 
 
-def test_load_kit_refuses_a_0644_key(fresh: dict[str, Path]) -> None:
-    key = fresh["a"] / "client.key"
-    key.chmod(0o644)
-    with pytest.raises(FedsegError, match=r"chmod 600") as info:
-        load_kit(fresh["a"])
-    assert str(key) in str(info.value)
-    assert "PRIVATE" not in str(info.value)
-
-
-@pytest.mark.parametrize("name", ["ca.pem", "client.pem", "client.key", "study.json"])
-def test_load_kit_names_a_missing_file(fresh: dict[str, Path], name: str) -> None:
-    (fresh["a"] / name).unlink()
-    with pytest.raises(FedsegError, match=name):
-        load_kit(fresh["a"])
-
-
-@pytest.mark.parametrize("name", ["ca.pem", "server.pem", "server.key", "study.json"])
-def test_load_kit_names_a_corrupt_file(fresh: dict[str, Path], name: str) -> None:
-    path = fresh["server"] / name
-    data = path.read_bytes()
-    path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data[: len(data) // 2])
-    with pytest.raises(FedsegError, match=name):
-        load_kit(fresh["server"])
-
-
-def test_load_kit_refuses_a_certificate_of_another_ca(fresh: dict[str, Path], other_study: dict[str, Path]) -> None:
-    (fresh["a"] / "ca.pem").unlink()
-    (fresh["a"] / "ca.pem").write_bytes((other_study["ca"] / "ca.pem").read_bytes())
-    with pytest.raises(FedsegError, match="not signed by the kit's study CA"):
-        load_kit(fresh["a"])
-
-
-def test_load_kit_refuses_a_key_of_another_participant(fresh: dict[str, Path]) -> None:
-    (fresh["a"] / "client.pem").unlink()
-    (fresh["a"] / "client.pem").write_bytes((fresh["b"] / "client.pem").read_bytes())
-    with pytest.raises(FedsegError, match="does not belong"):
-        load_kit(fresh["a"])
-
-
-@pytest.mark.parametrize(
-    ("start", "message"),
-    [(dt.timedelta(days=-10), "expired"), (dt.timedelta(days=2), "not valid yet")],
+_names = st.one_of(
+    st.from_regex(SITE_PATTERN, fullmatch=True),
+    st.text(alphabet="abcz09_-.A/ é", min_size=0, max_size=70),
 )
-def test_load_kit_refuses_a_certificate_outside_its_validity(
-    fresh: dict[str, Path], start: dt.timedelta, message: str
-) -> None:
-    ca_key, ca_cert = load_ca(fresh["ca"])
-    key, cert = issue_site_certificate(
-        ca_key, ca_cert, "a", days=1, not_before=dt.datetime.now(dt.UTC) + start
-    )
-    for name in ("client.pem", "client.key"):
-        (fresh["a"] / name).unlink()
-    _write_pair(fresh["a"], key, cert, "client")
-    with pytest.raises(FedsegError, match=message):
-        load_kit(fresh["a"])
 
 
-# --------------------------------------------------------------------------- real mutual-TLS handshakes
-
-
-@dataclass
-class Handshake:
-    """What each side of one loopback connection saw."""
-
-    server_error: BaseException | None = None
-    client_error: BaseException | None = None
-    server_version: str | None = None
-    client_version: str | None = None
-    site: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.server_error is None and self.client_error is None
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A TCP listener on 127.0.0.1, ephemeral port."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    sock.settimeout(10)
-    yield sock
-    sock.close()
-
-
-def _serve_one(sock: socket.socket, context: ssl.SSLContext, allowed: set[str], result: Handshake) -> None:
+@settings(max_examples=300, deadline=None)
+@given(name=_names)
+def test_every_name_provisioning_accepts_can_say_hello(name: str) -> None:
     try:
-        conn, _ = sock.accept()
-        conn.settimeout(10)
-        with context.wrap_socket(conn, server_side=True) as tls:
-            result.server_version = tls.version()
-            result.site = peer_site(tls, allowed)
-            tls.sendall(b"ok")
-    except (ssl.SSLError, OSError, FedsegError) as exc:
-        result.server_error = exc
+        (accepted,) = validate_site_names([name])
+    except FedsegError:
+        assert not is_site_name(name) or name in {"ca", "server"}
+        return
+    assert is_site_name(accepted)
+    hello = _hello(accepted)
+    assert decode(encode(hello), max_size=DEFAULT_MAX_MESSAGE) == hello
 
 
-def _connect(sock: socket.socket, context: ssl.SSLContext, hostname: str, result: Handshake) -> None:
-    try:
-        with (
-            socket.create_connection(sock.getsockname()[:2], timeout=10) as raw,
-            context.wrap_socket(raw, server_hostname=hostname) as tls,
-        ):
-            result.client_version = tls.version()
-            # In TLS 1.3 the client finishes its handshake before the server
-            # has checked the client certificate: a refusal arrives as an alert here.
-            if tls.recv(2) != b"ok":
-                raise ConnectionError("server closed the connection")
-    except (ssl.SSLError, OSError) as exc:
-        result.client_error = exc
-
-
-def handshake(
-    sock: socket.socket, server: ssl.SSLContext, client: ssl.SSLContext, *,
-    hostname: str = "localhost", allowed: set[str] | frozenset[str] = frozenset(SITES),
-) -> Handshake:
-    result = Handshake()
-    thread = threading.Thread(target=_serve_one, args=(sock, server, set(allowed), result), daemon=True)
-    thread.start()
-    _connect(sock, client, hostname, result)
-    thread.join(15)
-    assert not thread.is_alive()
-    return result
-
-
-def test_provisioned_site_connects_and_is_identified(study: dict[str, Path], listener: socket.socket) -> None:
-    result = handshake(listener, server_context(load_kit(study["server"])), client_context(load_kit(study["ucla"])))
-    assert result.ok, result
-    assert result.site == "ucla"
-    assert result.server_version in {"TLSv1.2", "TLSv1.3"}
-    assert result.client_version == result.server_version
-
-
-def test_tls12_only_client_still_connects(study: dict[str, Path], listener: socket.socket) -> None:
-    client = client_context(load_kit(study["nci"]))
-    client.maximum_version = ssl.TLSVersion.TLSv1_2
-    result = handshake(listener, server_context(load_kit(study["server"])), client)
-    assert result.ok, result
-    assert (result.server_version, result.site) == ("TLSv1.2", "nci")
-
-
-@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-def test_tls11_client_is_refused(study: dict[str, Path], listener: socket.socket) -> None:
-    client = client_context(load_kit(study["nci"]))
-    client.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    client.maximum_version = ssl.TLSVersion.TLSv1_1
-    result = handshake(listener, server_context(load_kit(study["server"])), client)
-    assert isinstance(result.client_error, ssl.SSLError) and result.site is None, result
-
-
-def test_server_certificate_cannot_act_as_a_site(study: dict[str, Path], listener: socket.socket) -> None:
-    """A certificate without clientAuth (here the server's own) is refused at the handshake."""
-    kit = replace(load_kit(study["nci"]), cert=study["server"] / "server.pem", key=study["server"] / "server.key")
-    server = server_context(load_kit(study["server"]))
-    result = handshake(listener, server, client_context(kit), allowed={"localhost"})
-    assert isinstance(result.server_error, ssl.SSLError), result
-    assert "purpose" in str(result.server_error)
-    assert result.site is None
-
-
-def test_client_certificate_of_another_ca_is_refused(
-    study: dict[str, Path], other_study: dict[str, Path], listener: socket.socket
-) -> None:
-    # Trusts the right server, but presents a certificate from another study's CA
-    # for a site name that IS in this study: the signature is what is refused.
-    foreign = replace(
-        load_kit(study["nci"]), cert=other_study["nci"] / "client.pem", key=other_study["nci"] / "client.key"
-    )
-    result = handshake(listener, server_context(load_kit(study["server"])), client_context(foreign))
-    assert isinstance(result.server_error, ssl.SSLError), result
-    assert result.client_error is not None and result.site is None
-
-
-def test_site_of_another_study_is_refused_on_both_sides(
-    study: dict[str, Path], other_study: dict[str, Path], listener: socket.socket
-) -> None:
-    server, client = server_context(load_kit(study["server"])), client_context(load_kit(other_study["nci"]))
-    result = handshake(listener, server, client)
-    assert isinstance(result.client_error, ssl.SSLCertVerificationError), result
-    assert isinstance(result.server_error, ssl.SSLError)
-
-
-def test_client_without_certificate_is_refused(study: dict[str, Path], listener: socket.socket) -> None:
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cafile=str(study["server"] / "ca.pem"))
-    result = handshake(listener, server_context(load_kit(study["server"])), client)
-    assert isinstance(result.server_error, ssl.SSLError), result
-    assert "certificate" in str(result.server_error)
-    assert result.client_error is not None and result.site is None
-
-
-def test_identity_not_in_the_study_is_refused_by_peer_site(study: dict[str, Path], listener: socket.socket) -> None:
-    result = handshake(
-        listener, server_context(load_kit(study["server"])), client_context(load_kit(study["ucla"])),
-        allowed={"nci", "suny"},
-    )
-    assert isinstance(result.server_error, FedsegError)
-    assert str(result.server_error) == "certificate identity 'ucla' is not a site of this study"
-    assert result.client_error is not None  # closed without the "ok"
-
-
-def test_expired_client_certificate_is_refused_at_handshake(
-    study: dict[str, Path], tmp_path: Path, listener: socket.socket
-) -> None:
-    ca_key, ca_cert = load_ca(study["ca"])
-    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
-    key, cert = issue_site_certificate(ca_key, ca_cert, "nci", days=1, not_before=past)
-    cert_path, key_path = _write_pair(tmp_path, key, cert, "expired")
-    expired = replace(load_kit(study["nci"]), cert=cert_path, key=key_path)  # bypasses load_kit's own check
-    result = handshake(listener, server_context(load_kit(study["server"])), client_context(expired))
-    assert isinstance(result.server_error, ssl.SSLError), result
-    assert "expired" in str(result.server_error)
-    assert result.site is None
-
-
-def test_client_refuses_a_server_certificate_for_another_host(study: dict[str, Path], listener: socket.socket) -> None:
-    result = handshake(
-        listener, server_context(load_kit(study["server"])), client_context(load_kit(study["nci"])),
-        hostname="fl.example.org",
-    )
-    assert isinstance(result.client_error, ssl.SSLCertVerificationError), result
-    assert "fl.example.org" in str(result.client_error)
-    assert result.server_error is not None and result.site is None
-
-
-def test_ip_server_name_handshake(tmp_path: Path, listener: socket.socket) -> None:
-    kits = provision_study("127.0.0.1", ["a"], tmp_path / "kits")
-    server, client = server_context(load_kit(kits["server"])), client_context(load_kit(kits["a"]))
-    result = handshake(listener, server, client, hostname="127.0.0.1", allowed={"a"})
-    assert result.ok, result
-    assert result.site == "a" and result.client_version in {"TLSv1.2", "TLSv1.3"}
-
-
-def test_localhost_certificate_does_not_cover_the_ip(study: dict[str, Path], listener: socket.socket) -> None:
-    result = handshake(
-        listener, server_context(load_kit(study["server"])), client_context(load_kit(study["nci"])),
-        hostname="127.0.0.1",
-    )
-    assert isinstance(result.client_error, ssl.SSLCertVerificationError), result
-
-
-def test_contexts_are_strict(study: dict[str, Path]) -> None:
-    server = server_context(load_kit(study["server"]))
-    client = client_context(load_kit(study["nci"]))
-    for context in (server, client):
-        assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
-        assert context.verify_mode == ssl.CERT_REQUIRED
-        assert len(context.get_ca_certs()) == 1  # the study CA only, no system store
-    assert client.check_hostname
-    with pytest.raises(FedsegError, match="server kit"):
-        server_context(load_kit(study["nci"]))
-    with pytest.raises(FedsegError, match="site kit"):
-        client_context(load_kit(study["server"]))
-
-
-def test_peer_site_without_certificate() -> None:
-    class NoCert:
-        def getpeercert(self, binary_form: bool = False) -> None:
-            return None
-
-    with pytest.raises(FedsegError, match="no client certificate"):
-        peer_site(NoCert(), {"a"})  # type: ignore[arg-type]
-
-
-def test_kit_is_a_plain_dataclass(study: dict[str, Path]) -> None:
-    kit = load_kit(study["nci"])
-    assert isinstance(kit, Kit) and kit.directory == study["nci"]
+def test_readme_templates_are_package_data_and_fully_filled(study: dict[str, Path]) -> None:
+    for folder in study.values():
+        text = (folder / "README.txt").read_text()
+        assert "${" not in text and "$" not in text
+    assert "Sites provisioned: nci, suny, ucla" in (study["ca"] / "README.txt").read_text()
+    assert "              nci, suny, ucla\n" in (study["server"] / "README.txt").read_text()
+    with pytest.raises(KeyError):
+        readme("site", study="s", kit="k", site="a")  # server_url missing: never a half-filled README
+    ca_template = resources.files("fedseg.federation.deploy").joinpath("templates", "ca.txt").read_text()
+    assert {m.group("braced") for m in string.Template.pattern.finditer(ca_template)} == {"study", "sites"}
 
 
 def test_provision_command_writes_kits_and_names_the_offline_ca(tmp_path, run_cli):

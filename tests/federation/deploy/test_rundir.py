@@ -10,7 +10,7 @@ import pytest
 from fedseg.errors import FedsegError
 from fedseg.federation.protocol.rounds import RoundCompleted, RoundsConfig, ServerRounds
 from fedseg.federation.deploy.rundir import RunDir
-from fedseg.federation.strategies import DiceWeighted, FedAdam, Update
+from fedseg.federation.strategies import FedAdam, Update, WeightedMean
 
 SITES = ("nci", "suny")
 
@@ -23,7 +23,7 @@ def run_round(rounds: ServerRounds, values: dict[str, float], dices: dict[str, f
 
 
 def started(aggregator=None, first_round=0, weights=None) -> ServerRounds:
-    rounds = ServerRounds(RoundsConfig(SITES, 5, 2), aggregator or DiceWeighted(), weights or {"w": np.zeros(2, np.float32)}, first_round)
+    rounds = ServerRounds(RoundsConfig(SITES, 5, 2), aggregator or WeightedMean("dice-weighted"), weights or {"w": np.zeros(2, np.float32)}, first_round)
     for site in SITES:
         rounds.site_connected(site)
     return rounds
@@ -38,10 +38,10 @@ def test_rounds_are_persisted_and_resume_starts_after_the_last(tmp_path):
     assert point.completed_rounds == 2
     assert np.array_equal(point.global_weights["w"], rounds.global_weights["w"])
     assert point.best_round == 1 and point.best_dice == pytest.approx((0.9 * 0.9 + 0.7 * 0.7) / 1.6)
-    history = run.rounds()
-    assert [h["round"] for h in history] == [0, 1]
-    assert history[0]["site_weights"] == pytest.approx({"nci": 0.5, "suny": 0.5})
-    assert history[1]["sites"]["suny"]["val_dice"] == 0.7
+    history = run.round_records()
+    assert [h.round for h in history] == [0, 1]
+    assert history[0].site_weights == pytest.approx({"nci": 0.5, "suny": 0.5})
+    assert history[1].sites["suny"].val_dice == 0.7
 
 
 def test_crash_mid_round_write_keeps_the_last_committed_round(tmp_path):

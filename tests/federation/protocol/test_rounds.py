@@ -18,7 +18,7 @@ from fedseg.federation.protocol.rounds import (
     StudyFailed,
     UpdateRefused,
 )
-from fedseg.federation.strategies import DiceWeighted, Update
+from fedseg.federation.strategies import Update, WeightedMean
 
 SITES = ("nci", "suny", "ucla")
 GLOBAL = {"w": np.zeros(3, np.float32)}
@@ -32,7 +32,7 @@ def server(
     rounds: int = 3, min_sites: int = 2, first_round: int = 0, evaluate: bool = True, finished: bool = False
 ) -> ServerRounds:
     config = RoundsConfig(SITES, rounds, min_sites, evaluate)
-    return ServerRounds(config, DiceWeighted(), dict(GLOBAL), first_round, finished)
+    return ServerRounds(config, WeightedMean("dice-weighted"), dict(GLOBAL), first_round, finished)
 
 
 def test_first_round_starts_when_everyone_is_connected():

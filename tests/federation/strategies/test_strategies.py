@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from pathlib import Path
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,18 +19,21 @@ from fedseg.federation.strategies import (
     AGGREGATORS,
     AdamOptions,
     Aggregator,
-    DiceWeighted,
     FedAdam,
     RoundResult,
-    SampleWeighted,
-    Uniform,
     Update,
     UpdateRejected,
+    WeightedMean,
+    Weighting,
     make_aggregator,
     validate_update,
 )
 
-ALL_AGGREGATORS: list[Callable[[], Aggregator]] = [DiceWeighted, SampleWeighted, Uniform, FedAdam]
+dice_weighted = partial(WeightedMean, "dice-weighted")
+sample_weighted = partial(WeightedMean, "sample-weighted")
+uniform = partial(WeightedMean, "uniform")
+MEANS: list[Callable[[], Aggregator]] = [dice_weighted, sample_weighted, uniform]
+ALL_AGGREGATORS: list[Callable[[], Aggregator]] = [*MEANS, FedAdam]
 
 
 def model(w: list[float], b: float = 0.0, steps: int = 0) -> dict[str, np.ndarray]:
@@ -65,7 +70,7 @@ THREE_SITES = [
 def test_dice_weighted_by_hand() -> None:
     # weights 0.8, 0.6, 0.6 -> 0.4, 0.3, 0.3
     # conv.weight: 0.4*[1,2] + 0.3*[3,0] + 0.3*[0,4] = [1.3, 2.0]; bias: 0.4 + 0.6 + 1.2 = 2.2
-    result = run_round(DiceWeighted(), GLOBAL, THREE_SITES)
+    result = run_round(dice_weighted(), GLOBAL, THREE_SITES)
     assert result.site_weights == pytest.approx({"nci": 0.4, "suny": 0.3, "ucla": 0.3})
     assert result.raw_weights == {"nci": 0.8, "suny": 0.6, "ucla": 0.6}
     assert result.sites == ["nci", "suny", "ucla"]
@@ -80,7 +85,7 @@ def test_dice_weighted_by_hand() -> None:
 def test_sample_weighted_by_hand() -> None:
     # 30, 10, 60 samples -> 0.3, 0.1, 0.6
     # conv.weight: 0.3*[1,2] + 0.1*[3,0] + 0.6*[0,4] = [0.6, 3.0]; bias: 0.3 + 0.2 + 2.4 = 2.9
-    result = run_round(SampleWeighted(), GLOBAL, THREE_SITES)
+    result = run_round(sample_weighted(), GLOBAL, THREE_SITES)
     assert result.site_weights == pytest.approx({"nci": 0.3, "suny": 0.1, "ucla": 0.6})
     np.testing.assert_allclose(result.weights["conv.weight"], [0.6, 3.0], rtol=1e-6)
     np.testing.assert_allclose(result.weights["conv.bias"], 2.9, rtol=1e-6)
@@ -89,7 +94,7 @@ def test_sample_weighted_by_hand() -> None:
 
 def test_uniform_by_hand() -> None:
     # conv.weight: ([1,2] + [3,0] + [0,4]) / 3 = [4/3, 2]; bias: 7/3
-    result = run_round(Uniform(), GLOBAL, THREE_SITES)
+    result = run_round(uniform(), GLOBAL, THREE_SITES)
     assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
     np.testing.assert_allclose(result.weights["conv.weight"], [4 / 3, 2.0], rtol=1e-6)
     np.testing.assert_allclose(result.weights["conv.bias"], 7 / 3, rtol=1e-6)
@@ -104,14 +109,14 @@ def test_site_weights_sum_to_one(factory: Callable[[], Aggregator]) -> None:
 
 
 def test_add_returns_raw_weight() -> None:
-    for aggregator, expected in [(DiceWeighted(), 0.8), (SampleWeighted(), 30.0), (Uniform(), 1.0)]:
+    for aggregator, expected in [(dice_weighted(), 0.8), (sample_weighted(), 30.0), (uniform(), 1.0)]:
         aggregator.start_round(GLOBAL)
         assert aggregator.add(THREE_SITES[0]) == expected
 
 
 def test_all_zero_dice_falls_back_to_uniform_with_note() -> None:
     updates = [update(u.site, u.weights, dice=0.0) for u in THREE_SITES]
-    result = run_round(DiceWeighted(), GLOBAL, updates)
+    result = run_round(dice_weighted(), GLOBAL, updates)
     assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
     assert result.raw_weights == {"nci": 0.0, "suny": 0.0, "ucla": 0.0}
     np.testing.assert_allclose(result.weights["conv.weight"], [4 / 3, 2.0], rtol=1e-6)
@@ -122,7 +127,7 @@ def test_zero_dice_sites_drop_out_once_a_positive_dice_arrives() -> None:
     # Zero-Dice sites first (summed uniformly for a possible fallback), then one real weight.
     updates = [update("a", model([8.0, 8.0]), dice=0.0), update("b", model([2.0, 4.0]), dice=0.5)]
     updates.append(update("c", model([9.0, 9.0]), dice=0.0))
-    result = run_round(DiceWeighted(), GLOBAL, updates)
+    result = run_round(dice_weighted(), GLOBAL, updates)
     np.testing.assert_allclose(result.weights["conv.weight"], [2.0, 4.0])
     assert result.site_weights == {"a": 0.0, "b": 1.0, "c": 0.0}
     assert result.notes == []
@@ -133,7 +138,7 @@ def test_integer_buffers_are_not_averaged() -> None:
     a = update("a", model([1.0, 1.0], steps=10) | {"mask": np.array([True, True])}, dice=0.9)
     b = update("b", model([1.0, 1.0], steps=21) | {"mask": np.array([False, False])}, dice=0.1)
     for order in ([a, b], [b, a]):
-        result = run_round(DiceWeighted(), g, order)
+        result = run_round(dice_weighted(), g, order)
         assert result.weights["bn.num_batches_tracked"] == 10  # not 11 (the weighted mean)
         assert result.weights["bn.num_batches_tracked"].dtype == np.int64
         np.testing.assert_array_equal(result.weights["mask"], [True, True])
@@ -142,7 +147,7 @@ def test_integer_buffers_are_not_averaged() -> None:
 
 def test_result_does_not_alias_the_updates() -> None:
     u = update("a", model([1.0, 2.0], steps=3))
-    result = run_round(Uniform(), GLOBAL, [u])
+    result = run_round(uniform(), GLOBAL, [u])
     u.weights["bn.num_batches_tracked"][...] = 99
     u.weights["conv.weight"][...] = 99
     assert result.weights["bn.num_batches_tracked"] == 3
@@ -225,7 +230,7 @@ def test_rejection_lists_all_missing_and_extra_names() -> None:
 
 
 def test_a_site_cannot_contribute_twice() -> None:
-    aggregator = Uniform()
+    aggregator = uniform()
     aggregator.start_round(GLOBAL)
     aggregator.add(THREE_SITES[0])
     with pytest.raises(UpdateRejected, match="already contributed"):
@@ -254,14 +259,30 @@ def test_add_or_finish_without_a_round_raises(factory: Callable[[], Aggregator])
 
 
 def test_all_zero_weights_raise_without_fallback() -> None:
-    class Zero(Uniform):
-        name = "zero"
+    zero = WeightedMean(Weighting("zero", lambda update: 0.0))
+    with pytest.raises(FedsegError, match="zero: every site's weight is 0"):
+        run_round(zero, GLOBAL, THREE_SITES)
 
-        def site_weight(self, update: Update) -> float:
-            return 0.0
 
-    with pytest.raises(FedsegError, match="every site's weight is 0"):
-        run_round(Zero(), GLOBAL, THREE_SITES)
+def test_a_weighting_is_a_parameter() -> None:
+    # weight by a reported metric: 1 / loss -> 1, 0.5, 0.25 -> 4/7, 2/7, 1/7
+    by_loss = WeightedMean(Weighting("inverse-loss", lambda update: 1.0 / update.metrics["loss"]))
+    updates = [Update(u.site, u.weights, u.num_samples, u.val_dice, {"loss": loss}) for u, loss in zip(THREE_SITES, [1.0, 2.0, 4.0], strict=True)]
+    result = run_round(by_loss, GLOBAL, updates)
+    assert result.site_weights == pytest.approx({"nci": 4 / 7, "suny": 2 / 7, "ucla": 1 / 7})
+    np.testing.assert_allclose(result.weights["conv.bias"], (4 * 1.0 + 2 * 2.0 + 1 * 4.0) / 7, rtol=1e-6)
+
+
+def test_negative_weight_is_rejected() -> None:
+    aggregator = WeightedMean(Weighting("signed", lambda update: -1.0))
+    aggregator.start_round(GLOBAL)
+    with pytest.raises(UpdateRejected, match="signed weight -1.0 is not a finite number >= 0"):
+        aggregator.add(THREE_SITES[0])
+
+
+def test_unknown_weighting_name_lists_the_known_ones() -> None:
+    with pytest.raises(FedsegError, match="unknown weighting 'median'; choose one of: dice-weighted, sample-weighted, uniform"):
+        WeightedMean("median")
 
 
 # --- streaming memory -----------------------------------------------------------------------------
@@ -269,7 +290,7 @@ def test_all_zero_weights_raise_without_fallback() -> None:
 
 def test_memory_is_one_float64_accumulator_per_tensor() -> None:
     g = {"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float16)}
-    aggregator = DiceWeighted()
+    aggregator = dice_weighted()
     aggregator.start_round(g)
     rng = np.random.default_rng(0)
     for i in range(50):
@@ -309,9 +330,9 @@ def test_fedadam_one_round_by_hand() -> None:
 
 
 def test_fedadam_state_round_trip_gives_the_same_next_step() -> None:
-    first = FedAdam(SampleWeighted(), AdamOptions(eta=0.1))
+    first = FedAdam(sample_weighted(), AdamOptions(eta=0.1))
     g1 = run_round(first, GLOBAL, THREE_SITES).weights
-    restarted = FedAdam(SampleWeighted(), AdamOptions(eta=0.1))
+    restarted = FedAdam(sample_weighted(), AdamOptions(eta=0.1))
     restarted.load_state_dict(first.state_dict())
     doubled = [{n: np.asarray(a * 2, a.dtype) for n, a in u.weights.items()} for u in THREE_SITES]
     second_round = [update(u.site, w, u.val_dice, u.num_samples) for u, w in zip(THREE_SITES, doubled, strict=True)]
@@ -319,7 +340,7 @@ def test_fedadam_state_round_trip_gives_the_same_next_step() -> None:
     b = run_round(restarted, g1, second_round)
     for name in a.weights:
         np.testing.assert_array_equal(a.weights[name], b.weights[name])
-    fresh = run_round(FedAdam(SampleWeighted(), AdamOptions(eta=0.1)), g1, second_round)
+    fresh = run_round(FedAdam(sample_weighted(), AdamOptions(eta=0.1)), g1, second_round)
     assert not np.allclose(fresh.weights["conv.weight"], a.weights["conv.weight"])  # the moments matter
 
 
@@ -353,15 +374,74 @@ def test_fedadam_state_for_another_model_is_refused_at_start_round() -> None:
         aggregator.start_round(GLOBAL)
 
 
+class Median(Aggregator):
+    """A strategy written against the public interface only: the per-element median of the float tensors."""
+
+    name = "median"
+
+    def start_round(self, global_weights: Mapping[str, np.ndarray]) -> None:
+        super().start_round(global_weights)
+        self.updates: list[Update] = []
+
+    def add(self, update: Update) -> float:
+        validate_update(self.updates[0].weights if self.updates else GLOBAL, update)
+        self.updates.append(update)
+        return 1.0
+
+    def aggregate(self) -> RoundResult:
+        first = self.updates[0].weights
+        weights = {n: np.median([u.weights[n] for u in self.updates], axis=0) if a.dtype.kind == "f" else a for n, a in first.items()}
+        share = 1.0 / len(self.updates)
+        return RoundResult(weights, {u.site: share for u in self.updates}, {u.site: 1.0 for u in self.updates}, [u.site for u in self.updates])
+
+
+def test_fedadam_composes_over_any_aggregator() -> None:
+    # median of conv.bias over the three sites = 2; delta = 2; m = 0.2; v = 0.04;
+    # step = 0.1 * 0.2 / (0.2 + 1e-3) = 0.0995024876
+    adam = FedAdam(Median(), AdamOptions(eta=0.1))
+    result = run_round(adam, GLOBAL, THREE_SITES)
+    np.testing.assert_allclose(result.weights["conv.bias"], 0.1 * 0.2 / 0.201, rtol=1e-6)
+    assert result.weights["conv.bias"].dtype == np.float32
+    np.testing.assert_allclose(adam.state_dict()["m/conv.bias"], 0.2)
+    assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
+
+
+def test_fedadam_steps_from_the_exact_float64_mean() -> None:
+    # the inner mean 1/3 is not a float32: FedAdam must not see it rounded
+    g = {"w": np.zeros(1, np.float32)}
+    sites = [update(name, {"w": np.array([v], np.float32)}) for name, v in (("a", 1.0), ("b", 0.0), ("c", 0.0))]
+    inner = uniform()
+    inner.start_round(g)
+    for site in sites:
+        inner.add(site)
+    exact = inner.aggregate().weights["w"]
+    assert exact.dtype == np.float64 and exact[0] == pytest.approx(1 / 3, abs=1e-15)
+    adam = FedAdam(uniform())
+    run_round(adam, g, sites)
+    m = adam.state_dict()["m/w"]
+    np.testing.assert_allclose(m, 0.1 * exact, rtol=1e-12)
+    assert abs(m[0] - 0.1 * float(np.float32(1 / 3))) > 1e-10  # not the float32-rounded mean
+
+
+def test_a_weighted_mean_keeps_no_state() -> None:
+    aggregator = dice_weighted()
+    run_round(aggregator, GLOBAL, THREE_SITES)
+    assert aggregator.state_dict() is None
+    aggregator.load_state_dict({})  # nothing to restore: fine
+    with pytest.raises(FedsegError, match="dice-weighted keeps nothing between rounds"):
+        aggregator.load_state_dict({"m/conv.weight": np.zeros(2), "v/conv.weight": np.zeros(2)})
+
+
 # --- registry -------------------------------------------------------------------------------------
 
 
 def test_make_aggregator() -> None:
     assert set(AGGREGATORS) == {"dice-weighted", "sample-weighted", "uniform"}
-    for name, cls in AGGREGATORS.items():
-        assert type(make_aggregator(name)) is cls and cls.name == name
+    for name, weighting in AGGREGATORS.items():
+        aggregator = make_aggregator(name)
+        assert type(aggregator) is WeightedMean and aggregator.weighting is weighting and aggregator.name == name
     adam = make_aggregator("uniform", "fedadam", eta=0.5, tau=1e-6)
-    assert isinstance(adam, FedAdam) and isinstance(adam.inner, Uniform)
+    assert isinstance(adam, FedAdam) and isinstance(adam.inner, WeightedMean) and adam.inner.name == "uniform"
     assert adam.options == AdamOptions(eta=0.5, tau=1e-6)
 
 
@@ -381,11 +461,12 @@ def test_make_aggregator_errors(args: tuple[str, ...], options: dict[str, float]
         make_aggregator(*args, **options)
 
 
+@pytest.mark.slow
 def test_strategies_import_no_torch() -> None:
-    import fedseg.federation.strategies as module
-
-    source = Path(module.__file__).read_text(encoding="utf-8")
-    assert "import torch" not in source and "from torch" not in source
+    """Importing the package in a fresh interpreter loads neither torch nor any network module."""
+    probe = "import sys, fedseg.federation.strategies; print(sorted({'torch', 'websockets', 'ssl', 'asyncio'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]"
 
 
 # --- properties -----------------------------------------------------------------------------------
@@ -410,7 +491,7 @@ def _global_like(u: Update) -> dict[str, np.ndarray]:
     return {n: np.zeros_like(a) for n, a in u.weights.items()}
 
 
-@pytest.mark.parametrize("factory", [DiceWeighted, SampleWeighted, Uniform])
+@pytest.mark.parametrize("factory", MEANS)
 @settings(max_examples=40, deadline=None)
 @given(
     template=site_updates(max_sites=1),

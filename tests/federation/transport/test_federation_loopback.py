@@ -3,7 +3,8 @@
 Everything runs in one event loop on 127.0.0.1: the server and the clients
 are asyncio tasks; each client's epoch runs in a worker thread, as in
 production. The global model is checked against the aggregator's math
-recomputed from what the sites actually sent.
+recomputed from what the sites actually sent. (The same study without sockets,
+in a few seconds: test_memory.py.)
 """
 
 from __future__ import annotations
@@ -29,21 +30,26 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from conftest import cube_case
 from fedseg.errors import FedsegError
-from fedseg.federation.protocol import wire
+from fedseg.federation.protocol.chunks import Reassembler
+from fedseg.federation.protocol.errors import ErrorCode
+from fedseg.federation.protocol.frames import encode
 from fedseg.federation.transport.client import run_client
-from fedseg.federation.deploy.provision import Kit, issue_site_certificate, load_ca, load_kit, provision_study
+from fedseg.federation.deploy.certificates import issue_site_certificate, load_ca
+from fedseg.federation.deploy.provision import provision_study
+from fedseg.federation.transport.kit import Kit, load_kit
 from fedseg.federation.protocol.rounds import RoundsConfig
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.transport.server import run_server
 from fedseg.federation.strategies import make_aggregator
 from fedseg.federation.transport.tls import client_context
-from fedseg.federation.protocol.wire import ErrorCode, Message, MessageType
+from fedseg.federation.protocol.schemas import Message, MessageType
 from fedseg.models import build_model
+from fedseg.site import TorchParticipant
 from fedseg.training.augment import AugmentConfig
 from fedseg.training.config import TrainConfig
 from fedseg.training.engine import EpochResult, LocalTrainer
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SITES = ("nci", "suny", "ucla")
 STUDY_TIMEOUT_S = 60.0
@@ -84,6 +90,10 @@ class RecordingTrainer:
             result = self.tamper(len(self.results), result)
         self.results.append(result)
         return result
+
+
+def participant(index: int) -> TorchParticipant:
+    return TorchParticipant(RecordingTrainer(index))  # type: ignore[arg-type]
 
 
 def free_port() -> int:
@@ -143,9 +153,12 @@ def server_task(
     )
 
 
-def client_task(kit: Kit, trainer: RecordingTrainer, port: int, audit: Path | None = None, retries: int = 20, **hooks):
+def client_task(
+    kit: Kit, trainer: RecordingTrainer, port: int, audit: Path | None = None, retries: int = 20, end: SiteEnd | None = None
+):
     url = f"wss://localhost:{port}"
-    client = run_client(kit, trainer, server_url=url, audit_log=audit, retries=retries, retry_delay_s=0.1, **hooks)  # type: ignore[arg-type]
+    participant = TorchParticipant(trainer, end)  # type: ignore[arg-type]
+    client = run_client(kit, participant, server_url=url, audit_log=audit, retries=retries, retry_delay_s=0.1)
     return asyncio.create_task(client)
 
 
@@ -173,8 +186,7 @@ async def run_study(
     port = free_port()
     server = server_task(kits, tmp_path / "run", port, rounds=rounds, local_epochs=local_epochs)
     audit = {site: tmp_path / f"{site}.audit.jsonl" for site in trainers}
-    hooks = {site: {"on_model": end.on_model, "evaluate": end.evaluate} for site, end in (ends or {}).items()}
-    clients = {site: client_task(kits[site], t, port, audit[site], **hooks.get(site, {})) for site, t in trainers.items()}
+    clients = {site: client_task(kits[site], t, port, audit[site], end=(ends or {}).get(site)) for site, t in trainers.items()}
     async with asyncio.timeout(STUDY_TIMEOUT_S):
         final = await server
         received = {site: await task for site, task in clients.items()}
@@ -212,7 +224,7 @@ def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_
     final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2, ends=ends))
 
     run_dir = tmp_path / "run"
-    assert RunDir.open(run_dir).state()["completed_rounds"] == 2
+    assert RunDir.open(run_dir).read_state().completed_rounds == 2
     for number in range(2):
         assert_round_matches(run_dir, number, {site: t.results[number] for site, t in trainers.items()})
     last = load_file(str(run_dir / "rounds" / "0001" / "global.safetensors"))
@@ -238,13 +250,13 @@ def test_three_sites_complete_rounds_and_global_is_dice_weighted_mean(kits, tmp_
             assert line["bytes_sent"] > sum(t.numel() * t.element_size() for t in result.weights.values())
 
     # end of the study: every site got the final and the best model and evaluated the final one
-    state = RunDir.open(run_dir).state()
-    assert state["finished"] and state["best_round"] in (0, 1)
-    best = load_file(str(run_dir / "rounds" / f"{state['best_round']:04d}" / "global.safetensors"))
+    state = RunDir.open(run_dir).read_state()
+    assert state.finished and state.best_round in (0, 1)
+    best = load_file(str(run_dir / "rounds" / f"{state.best_round:04d}" / "global.safetensors"))
     for site, end in ends.items():
         assert end.models["final"][0] == 1 and all(np.array_equal(end.models["final"][1][n], last[n]) for n in last)
-        assert end.models["best"][0] == state["best_round"]
-        assert end.models["best"][2] == pytest.approx(state["best_dice"])
+        assert end.models["best"][0] == state.best_round
+        assert end.models["best"][2] == pytest.approx(state.best_dice)
         assert all(np.array_equal(end.models["best"][1][n], best[n]) for n in best)
         assert len(end.evaluated) == 1 and all(np.array_equal(end.evaluated[0][n], last[n]) for n in last)
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
@@ -270,15 +282,15 @@ def test_update_with_nan_is_left_out_and_the_others_complete_the_round(kits, tmp
         asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
 
     run_dir = tmp_path / "run"
-    rounds = RunDir.open(run_dir).rounds()
-    assert set(rounds[0]["left_out"]) == {"ucla"}
+    rounds = RunDir.open(run_dir).round_records()
+    assert set(rounds[0].left_out) == {"ucla"}
     # the site itself was told, with the reason, and carried on
     told = [r.getMessage() for r in caplog.records if r.name == "fedseg.client" and "rejected this site's update" in r.getMessage()]
     assert len(told) == 1 and told[0].startswith("round 0:") and "finite" in told[0]
-    assert "rejected" in rounds[0]["left_out"]["ucla"]
-    assert set(rounds[0]["site_weights"]) == {"nci", "suny"}
+    assert "rejected" in rounds[0].left_out["ucla"]
+    assert set(rounds[0].site_weights) == {"nci", "suny"}
     assert_round_matches(run_dir, 0, {site: trainers[site].results[0] for site in ("nci", "suny")})
-    assert set(rounds[1]["site_weights"]) == set(SITES)  # asked again next round, and accepted
+    assert set(rounds[1].site_weights) == set(SITES)  # asked again next round, and accepted
     assert any("ucla" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
 
 
@@ -313,9 +325,9 @@ def test_site_dropping_out_is_left_out_while_quorum_holds(kits, tmp_path):
             await asyncio.gather(*clients)
 
     asyncio.run(scenario())
-    rounds = RunDir.open(tmp_path / "run").rounds()
-    assert [set(r["site_weights"]) for r in rounds] == [{"nci", "suny"}, {"nci", "suny"}]
-    assert "ucla" in rounds[0]["left_out"]
+    rounds = RunDir.open(tmp_path / "run").round_records()
+    assert [set(r.site_weights) for r in rounds] == [{"nci", "suny"}, {"nci", "suny"}]
+    assert "ucla" in rounds[0].left_out
 
 
 def test_quorum_lost_stops_the_study_with_a_clear_error_on_both_sides(kits, tmp_path):
@@ -339,7 +351,7 @@ def test_quorum_lost_stops_the_study_with_a_clear_error_on_both_sides(kits, tmp_
                 await ucla
 
     asyncio.run(scenario())
-    assert RunDir.open(tmp_path / "run").state()["completed_rounds"] == 0
+    assert RunDir.open(tmp_path / "run").read_state().completed_rounds == 0
 
 
 def test_site_that_loses_its_connection_reconnects_and_continues(kits, tmp_path):
@@ -354,10 +366,10 @@ def test_site_that_loses_its_connection_reconnects_and_continues(kits, tmp_path)
     trainers["ucla"] = FlakyTrainer(2, ConnectionResetError("link down"))
     final, received = asyncio.run(run_study(kits, tmp_path, trainers, rounds=2))
 
-    rounds = RunDir.open(tmp_path / "run").rounds()
-    assert set(rounds[0]["site_weights"]) == {"nci", "suny"}
-    assert "connection lost" in rounds[0]["left_out"]["ucla"]
-    assert set(rounds[1]["site_weights"]) == set(SITES)
+    rounds = RunDir.open(tmp_path / "run").round_records()
+    assert set(rounds[0].site_weights) == {"nci", "suny"}
+    assert "connection lost" in rounds[0].left_out["ucla"]
+    assert set(rounds[1].site_weights) == set(SITES)
     assert all(np.array_equal(received["ucla"][n], final[n]) for n in final)
     lines = [json.loads(line) for line in (tmp_path / "ucla.audit.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines if line["message"] == "UPDATE"] == [1]
@@ -370,8 +382,8 @@ async def hello_with_versions(kit: Kit, port: int, versions: list[int]) -> tuple
     """Speak raw frames: a HELLO offering ``versions``; returns the server's answer and close code."""
     async with connect(f"wss://localhost:{port}", ssl=client_context(kit)) as ws:
         hello = Message(MessageType.HELLO, site=kit.name, body={"versions": versions})
-        await ws.send(wire.encode(hello))
-        answer = wire.Reassembler().feed(await ws.recv())
+        await ws.send(encode(hello))
+        answer = Reassembler().feed(await ws.recv())
         await ws.wait_closed()
         return answer, ws.close_code
 
@@ -387,18 +399,18 @@ def test_refusals_are_clear_and_the_server_keeps_running(kits, kit_paths, other_
         await asyncio.sleep(0.3)
 
         with pytest.raises(FedsegError, match="TLS handshake .* failed"):
-            await run_client(other_kits["nci"], RecordingTrainer(0), server_url=url, retries=0)  # type: ignore[arg-type]
+            await run_client(other_kits["nci"], participant(0), server_url=url, retries=0)
 
         # the site is told before it even connects…
         with pytest.raises(FedsegError, match=r"certificate .*expired\.pem expired on"):
-            await run_client(expired, RecordingTrainer(0), server_url=url, retries=3)  # type: ignore[arg-type]
+            await run_client(expired, participant(0), server_url=url, retries=3)
         # …and a client that connects anyway is refused in the handshake, the server saying why
         with pytest.raises((InvalidHandshake, ConnectionClosed, OSError)):
             async with connect(url, ssl=client_context(expired), open_timeout=5) as ws:
                 await ws.recv()
 
         with pytest.raises(FedsegError, match="'ucla' is not a site of this study"):
-            await run_client(kits["ucla"], RecordingTrainer(2), server_url=url, retries=0)  # type: ignore[arg-type]
+            await run_client(kits["ucla"], participant(2), server_url=url, retries=0)
 
         answer, close_code = await hello_with_versions(kits["nci"], port, [2])
         assert answer is not None and answer.type is MessageType.REFUSE
@@ -406,7 +418,7 @@ def test_refusals_are_clear_and_the_server_keeps_running(kits, kit_paths, other_
         assert "peer speaks protocol 2, this fedseg speaks 1" in answer.body["reason"]
 
         with pytest.raises(FedsegError, match="must start with wss://"):
-            await run_client(kits["nci"], RecordingTrainer(0), server_url=f"ws://localhost:{port}")  # type: ignore[arg-type]
+            await run_client(kits["nci"], participant(0), server_url=f"ws://localhost:{port}")
         with pytest.raises((InvalidHandshake, ConnectionClosed, OSError)):  # plain ws:// against the TLS listener
             async with connect(f"ws://127.0.0.1:{port}", open_timeout=5) as ws:
                 await ws.recv()
@@ -437,7 +449,7 @@ def test_site_with_other_settings_refuses_to_train_and_says_which(kits, tmp_path
         async with asyncio.timeout(STUDY_TIMEOUT_S):
             with pytest.raises(FedsegError, match=r"differ from the server's: fold: 1 here vs 0 on the server; "
                                r"train.network: 'unet' here vs 'unet-small' on the server"):
-                await run_client(kits["nci"], trainer, server_url=url, settings=site_settings, retry_delay_s=0.1)  # type: ignore[arg-type]
+                await run_client(kits["nci"], TorchParticipant(trainer), server_url=url, settings=site_settings, retry_delay_s=0.1)  # type: ignore[arg-type]
             await asyncio.sleep(0.3)
         assert trainer.results == []  # nothing was trained, nothing was sent
         server.cancel()

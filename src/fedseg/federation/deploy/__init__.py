@@ -1,1 +1,1 @@
-"""Putting a study on machines: certificates and start-up kits, the server's run directory, local mode."""
+"""Putting a study on machines: provisioning (certificates, kits), the server's run (ServerRun, its run directory) and local mode."""

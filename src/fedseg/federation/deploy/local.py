@@ -4,7 +4,8 @@ The same code path as a real deployment: throw-away certificates for
 ``localhost`` (:func:`~fedseg.federation.deploy.provision.provision_study`), ONE
 server process and one client process per site, each a separate
 ``fedseg server`` / ``fedseg client`` process talking mutual TLS over
-127.0.0.1. Layout of ``RUN_DIR``::
+127.0.0.1, supervised together (:class:`fedseg.processes.Supervisor`: the
+first failure stops the others, and none outlives the fold). Layout of ``RUN_DIR``::
 
     RUN_DIR/kits/{ca,server,<site>}/     throw-away kits (study "local")
     RUN_DIR/fold<k>/                     the server's run directory of fold k (rounds/,
@@ -21,30 +22,30 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.numpy import load_file
 
 from fedseg.errors import FedsegError
-from fedseg.federation.deploy.provision import load_kit, provision_study, validate_site_names
-from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.config import StudyConfig
-from fedseg.pipes import free_port
-from fedseg.training.checkpoint import save_weights
+from fedseg.federation.deploy.provision import provision_study
+from fedseg.federation.deploy.rundir import RunDir
+from fedseg.federation.transport.kit import load_kit, validate_site_names
 from fedseg.io import write_json
+from fedseg.modeldir import FoldOutcome, ModelRecord, open_model_dir, record_fold
+from fedseg.models import weights_from_numpy
+from fedseg.pipes import free_port
+from fedseg.processes import Child, Supervisor
+from fedseg.training.checkpoint import save_weights
 from fedseg.training.device import resolve_hardware
-from fedseg.training.fit import FoldOutcome, model_record, open_model_dir, record_fold
 
 __all__ = ["FoldRun", "fedseg_command", "free_port", "run_local", "site_names", "write_fl_model"]
 
 SERVER_START_TIMEOUT_S = 120.0
-LOG_TAIL_LINES = 15
 
 
 @dataclass(frozen=True)
@@ -85,69 +86,18 @@ def site_names(site_dirs: Sequence[Path]) -> list[str]:
         raise FedsegError(f"site folder names must be usable as site names: {exc}") from exc
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
-
-
-def _failure(name: str, code: int, log: Path) -> FedsegError:
-    return FedsegError(f"{name} exited with code {code}; last lines of {log}:\n{_tail(log)}")
-
-
-def _wait_listening(port: int, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def _wait_listening(port: int, server: Child, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = server.poll()
         if code is not None:
-            raise _failure("the server", code, log)
+            raise FedsegError(f"the server exited with code {code}; last lines of {server.log}:\n{server.log_tail()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1.0):
                 return
         except OSError:
             time.sleep(0.2)
-    raise FedsegError(f"the server did not listen on port {port} within {timeout_s:.0f} s; see {log}")
-
-
-class _Processes:
-    """Child processes with their logs; terminated on exit unless they finished."""
-
-    def __init__(self) -> None:
-        self.running: dict[str, tuple[subprocess.Popen, Path]] = {}
-
-    def start(self, name: str, argv: list[str], log: Path) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as handle:
-            process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.running[name] = (process, log)
-        return process
-
-    def wait_all(self, on_exit: Callable[[str, int], None] | None = None) -> dict[str, int]:
-        """Exit codes of all processes; the first failure stops the others (the run cannot succeed then)."""
-        codes: dict[str, int] = {}
-        while len(codes) < len(self.running):
-            for name, (process, _log) in self.running.items():
-                if name not in codes and (code := process.poll()) is not None:
-                    codes[name] = code
-                    if on_exit is not None:
-                        on_exit(name, code)
-            if any(code != 0 for code in codes.values()):
-                break
-            time.sleep(0.2)
-        return codes
-
-    def stop(self) -> None:
-        for process, _log in self.running.values():
-            if process.poll() is None:
-                process.terminate()
-        for process, _log in self.running.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    raise FedsegError(f"the server did not listen on port {port} within {timeout_s:.0f} s; see {server.log}")
 
 
 def run_fold(
@@ -166,53 +116,58 @@ def run_fold(
 ) -> FoldRun:
     """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails."""
     start = time.perf_counter()
-    kits, run_dir = out / "kits", out / f"fold{fold}"
+    run_dir = out / f"fold{fold}"
     resuming = (run_dir / "run.json").is_file()
     if run_dir.exists() and not resuming:
         shutil.rmtree(run_dir)  # created by a run killed before its first write: nothing to keep
-    logs, audit = out / "logs" / f"fold{fold}", out / "audit" / f"fold{fold}"
-    port = free_port()
+    logs, port = out / "logs" / f"fold{fold}", free_port()
     common: list[str | Path] = ["--fold", str(fold)]
     if config_file is not None:
         common += ["--config", config_file]
     if threads is not None:
         common += ["--threads", str(threads)]
-    where = ["--resume", run_dir] if resuming else ["--out", run_dir]
-    server_args: list[str | Path] = [
-        "server", "--kit", kits / "server", *where, "--host", "127.0.0.1", "--port", str(port), "--cache", cache, *common,
-    ]
-    if rounds is not None:
-        server_args += ["--rounds", str(rounds)]
-    processes = _Processes()
-    try:
-        server = processes.start("server", fedseg_command(*server_args), logs / "server.log")
+    server_args = _server_args(out, run_dir, resuming, port, cache, rounds)
+    site_args: list[str | Path] = [*common]
+    site_args += ["--device", device] if device is not None else []
+    site_args += ["--processes", str(site_processes)] if site_processes is not None else []
+    with Supervisor() as children:
+        server = children.start("server", fedseg_command(*server_args, *common), logs / "server.log")
         # the clients start alongside the server (their start-up overlaps its own; they retry until it listens)
         for name, site_dir in zip(names, site_dirs, strict=True):
-            client_args = [
-                "client", "--kit", kits / name, "--data", site_dir, "--cache", cache,
-                "--audit-log", audit / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}",
-                "--models", out / "sites" / name, "--share-case-names", *common,  # all on this machine
-                *(["--device", device] if device is not None else []),
-                *(["--processes", str(site_processes)] if site_processes is not None else []),
-            ]
-            processes.start(f"client {name}", fedseg_command(*client_args), logs / f"{name}.log")
-        _wait_listening(port, server, logs / "server.log", SERVER_START_TIMEOUT_S)
-        codes = processes.wait_all(on_exit)
-    finally:
-        processes.stop()
-    failed = [(name, code) for name, code in codes.items() if code != 0]
-    if failed:
-        # the server's reason first: it names the sites that failed and why
-        failed.sort(key=lambda item: item[0] != "server")
-        name, code = failed[0]
-        others = ", ".join(f"{n} (exit {c})" for n, c in failed[1:])
-        error = _failure(name, code, processes.running[name][1])
-        raise FedsegError(f"fold {fold}: {error}" + (f"\nalso failed: {others}" if others else ""))
-    state = RunDir.open(run_dir).state()
-    return FoldRun(
-        fold, run_dir, int(state["completed_rounds"]), int(state["best_round"]), float(state["best_dice"]),
-        time.perf_counter() - start,
-    )
+            argv = fedseg_command(*_client_args(out, fold, name, site_dir, port, cache), *site_args)
+            children.start(f"client {name}", argv, logs / f"{name}.log")
+        _wait_listening(port, server, SERVER_START_TIMEOUT_S)
+        codes = children.wait_all(on_exit)
+    _raise_failures(fold, codes, children)
+    state = RunDir.open(run_dir).read_state()
+    return FoldRun(fold, run_dir, state.completed_rounds, state.best_round, state.best_dice, time.perf_counter() - start)
+
+
+def _server_args(out: Path, run_dir: Path, resuming: bool, port: int, cache: Path, rounds: int | None) -> list[str | Path]:
+    where = ["--resume", run_dir] if resuming else ["--out", run_dir]
+    args: list[str | Path] = [
+        "server", "--kit", out / "kits" / "server", *where, "--host", "127.0.0.1", "--port", str(port), "--cache", cache,
+    ]
+    return args + (["--rounds", str(rounds)] if rounds is not None else [])
+
+
+def _client_args(out: Path, fold: int, name: str, site_dir: Path, port: int, cache: Path) -> list[str | Path]:
+    return [
+        "client", "--kit", out / "kits" / name, "--data", site_dir, "--cache", cache,
+        "--audit-log", out / "audit" / f"fold{fold}" / f"{name}.jsonl", "--server-url", f"wss://localhost:{port}",
+        "--models", out / "sites" / name, "--share-case-names",  # all on this machine
+    ]
+
+
+def _raise_failures(fold: int, codes: dict[str, int], children: Supervisor) -> None:
+    """Raise for the failed processes, the server's reason first: it names the sites that failed and why."""
+    failed = sorted(((name, code) for name, code in codes.items() if code != 0), key=lambda item: item[0] != "server")
+    if not failed:
+        return
+    name, code = failed[0]
+    others = ", ".join(f"{n} (exit {c})" for n, c in failed[1:])
+    error = children.children[name].failure(code)
+    raise FedsegError(f"fold {fold}: {error}" + (f"\nalso failed: {others}" if others else ""))
 
 
 def write_fl_model(
@@ -221,13 +176,14 @@ def write_fl_model(
 ) -> None:
     """Add fold ``run.fold`` (its best global model) to the FL model directory ``model_dir``."""
     trained_on = [{"site": name, "source": str(Path(d).resolve())} for name, d in zip(names, site_dirs, strict=True)]
-    record = model_record(study.train, study.prepare, trained_on)
-    record["ensemble"] = "mean of the federated fold models' softmax probabilities, threshold 0.5"
-    record["federated"] = {"federation": study.federation.to_dict(), "sites": list(names)}
+    record = ModelRecord.new(study.train, study.prepare, trained_on).model_copy(update={
+        "ensemble": "mean of the federated fold models' softmax probabilities, threshold 0.5",
+        "federated": {"federation": study.federation.to_dict(), "sites": list(names)},
+    })
     model_dir.mkdir(parents=True, exist_ok=True)
     open_model_dir(model_dir, record)
     best = RunDir(run.run_dir).round_folder(run.best_round) / "global.safetensors"
-    weights = {name: torch.from_numpy(array.copy()) for name, array in load_file(str(best)).items()}
+    weights = weights_from_numpy(load_file(str(best)))
     save_weights(model_dir / f"fold{run.fold}" / "best.safetensors", weights)
     write_json(
         model_dir / f"fold{run.fold}" / "best.json",
@@ -278,8 +234,8 @@ def run_local(
     for fold in folds:
         finished = RunDir(out / f"fold{fold}")
         if resume and (finished.root / "run.json").is_file() and finished.finished:
-            state = finished.state()
-            run = FoldRun(fold, finished.root, int(state["completed_rounds"]), int(state["best_round"]), float(state["best_dice"]), 0.0)
+            state = finished.read_state()
+            run = FoldRun(fold, finished.root, state.completed_rounds, state.best_round, state.best_dice, 0.0)
         else:
             run = run_fold(
                 site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,

@@ -14,7 +14,10 @@ A round's files are written first and ``state.json`` is replaced atomically
 last, so after a crash at any instant — ``kill -9`` included — the run
 directory names the last round that is complete on disk; a half-written round
 folder is simply overwritten when that round is redone. No pickle: tensors in
-safetensors, the rest in JSON.
+safetensors, the rest in JSON. ``state.json`` is a :class:`RunState`,
+``round.json`` a :class:`RoundRecord`, ``evaluation.json`` an
+:class:`EvaluationRecord` (read with :meth:`RunDir.read_state`,
+:meth:`RunDir.round_records`, :meth:`RunDir.evaluation`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,65 @@ from safetensors.numpy import load_file, save_file
 from fedseg.errors import FedsegError
 from fedseg.federation.protocol.rounds import EvaluationCompleted, RoundCompleted
 from fedseg.io import commit_file, read_json, write_json
+from fedseg.schema import Record
 
 RUN_FORMAT = 1
 STATE = "state.json"
 RUN = "run.json"
 EVALUATION = "evaluation.json"
+
+
+class RunState(Record):
+    """``state.json``, the commit point: rounds complete on disk, the best of them, whether the study finished."""
+
+    optional_keys = ("finished",)
+
+    completed_rounds: int = 0
+    best_round: int = -1  # -1: no round yet
+    best_dice: float = -1.0  # aggregated validation Dice of ``best_round``
+    finished: bool = False  # older runs, and unfinished ones, lack it
+
+    @property
+    def has_best(self) -> bool:
+        return self.best_round >= 0
+
+
+class SiteRound(Record):
+    """One site's contribution to a round."""
+
+    num_samples: int
+    val_dice: float
+    metrics: dict[str, Any] = {}
+
+
+class RoundRecord(Record):
+    """``rounds/<n>/round.json``: what a committed round aggregated, and how."""
+
+    round: int
+    aggregated_val_dice: float
+    site_weights: dict[str, float]
+    raw_weights: dict[str, float] = {}
+    arrival_order: list[str] = []
+    sites: dict[str, SiteRound]
+    left_out: dict[str, str] = {}  # site -> why it is not in this round
+    notes: list[str] = []
+
+
+class SiteEvaluation(Record):
+    """One site's per-case test Dice of the final model."""
+
+    n: int
+    mean_dice: float | None  # None when the site has no test case
+    case_dice: dict[str, float]
+
+
+class EvaluationRecord(Record):
+    """``evaluation.json``: the final step, every site's per-case test Dice of the final model."""
+
+    model: str = "final"
+    rounds: int
+    sites: dict[str, SiteEvaluation]
+    left_out: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -107,34 +164,44 @@ class RunDir:
         if server_optimizer is not None:
             _save_tensors(folder / "server_optimizer.safetensors", server_optimizer)
         dice = aggregated_dice(completed)
-        write_json(folder / "round.json", _round_record(completed, dice))
-        state = self.state()
-        best_round, best_dice = state.get("best_round", -1), state.get("best_dice", -1.0)
-        if dice > best_dice:
-            best_round, best_dice = completed.round, dice
-        write_json(
-            self.root / STATE,
-            {"completed_rounds": completed.round + 1, "best_round": best_round, "best_dice": best_dice},
-        )
+        _round_record(completed, dice).write(folder / "round.json")
+        state = self.read_state()
+        best_round, best_dice = (completed.round, dice) if dice > state.best_dice else (state.best_round, state.best_dice)
+        RunState(completed_rounds=completed.round + 1, best_round=best_round, best_dice=best_dice).write(self.root / STATE)
         return folder
+
+    def round_dice(self, number: int) -> float:
+        """The aggregated validation Dice of committed round ``number`` (its ``round.json``)."""
+        return RoundRecord.read(self.round_folder(number) / "round.json").aggregated_val_dice
+
+    def best_score(self) -> tuple[int, float] | None:
+        """(round, aggregated validation Dice) of the best committed round, or None before any."""
+        state = self.read_state()
+        return (state.best_round, state.best_dice) if state.has_best else None
 
     def best(self) -> tuple[int, float, dict[str, np.ndarray]] | None:
         """(round, aggregated validation Dice, weights) of the best committed round, or None."""
-        state = self.state()
-        if state.get("best_round", -1) < 0:
+        state = self.read_state()
+        if not state.has_best:
             return None
-        number = int(state["best_round"])
-        return number, float(state["best_dice"]), _load(self.round_folder(number) / "global.safetensors")
+        return state.best_round, state.best_dice, _load(self.round_folder(state.best_round) / "global.safetensors")
 
     def save_evaluation(self, completed: EvaluationCompleted) -> Path:
         """Write the final step's per-case Dice (``evaluation.json``)."""
         sites = {
-            site: {"n": len(scores), "mean_dice": float(np.mean(list(scores.values()))) if scores else None, "case_dice": scores}
+            site: SiteEvaluation(
+                n=len(scores), mean_dice=float(np.mean(list(scores.values()))) if scores else None, case_dice=scores
+            )
             for site, scores in sorted(completed.case_dice.items())
         }
-        record = {"model": "final", "rounds": self.state()["completed_rounds"], "sites": sites, "left_out": completed.left_out}
-        write_json(self.root / EVALUATION, record)
+        record = EvaluationRecord(rounds=self.read_state().completed_rounds, sites=sites, left_out=completed.left_out)
+        record.write(self.root / EVALUATION)
         return self.root / EVALUATION
+
+    def evaluation(self) -> EvaluationRecord | None:
+        """The final step's ``evaluation.json``; None before it, or without it (``evaluate = false``)."""
+        path = self.root / EVALUATION
+        return EvaluationRecord.read(path) if path.is_file() else None
 
     def finish(self, final_weights: dict[str, np.ndarray]) -> None:
         """Keep the final and best models at the top of the run and mark the study finished."""
@@ -142,45 +209,45 @@ class RunDir:
         best = self.best()
         if best is not None:
             _save_tensors(self.root / "best.safetensors", best[2])
-        write_json(self.root / STATE, {**self.state(), "finished": True})
+        self.read_state().model_copy(update={"finished": True}).write(self.root / STATE)
 
     @property
     def finished(self) -> bool:
-        return bool(self.state().get("finished", False))
+        return self.read_state().finished
 
-    def state(self) -> dict[str, Any]:
+    def read_state(self) -> RunState:
+        """``state.json`` (a new run's state before it exists)."""
         path = self.root / STATE
-        return read_json(path) if path.is_file() else {"completed_rounds": 0}
+        return RunState.read(path) if path.is_file() else RunState()
 
-    def rounds(self) -> list[dict[str, Any]]:
+    def round_records(self) -> list[RoundRecord]:
         """``round.json`` of every committed round, in order (the run's history)."""
-        done = self.state()["completed_rounds"]
-        return [read_json(self.round_folder(n) / "round.json") for n in range(done)]
+        done = self.read_state().completed_rounds
+        return [RoundRecord.read(self.round_folder(n) / "round.json") for n in range(done)]
 
     def resume_point(self) -> ResumePoint | None:
         """The last committed round, or None when no round completed yet."""
-        state = self.state()
-        done = int(state["completed_rounds"])
-        if done == 0:
+        state = self.read_state()
+        if state.completed_rounds == 0:
             return None
-        folder = self.round_folder(done - 1)
+        folder = self.round_folder(state.completed_rounds - 1)
         weights = _load(folder / "global.safetensors")
         optimizer_path = folder / "server_optimizer.safetensors"
         optimizer = _load(optimizer_path) if optimizer_path.is_file() else None
-        return ResumePoint(done, weights, optimizer, int(state["best_round"]), float(state["best_dice"]))
+        return ResumePoint(state.completed_rounds, weights, optimizer, state.best_round, state.best_dice)
 
 
-def _round_record(completed: RoundCompleted, dice: float) -> dict[str, Any]:
-    return {
-        "round": completed.round,
-        "aggregated_val_dice": dice,
-        "site_weights": completed.result.site_weights,
-        "raw_weights": completed.result.raw_weights,
-        "arrival_order": list(completed.result.sites),
-        "sites": {
-            site: {"num_samples": u.num_samples, "val_dice": u.val_dice, "metrics": dict(u.metrics)}
+def _round_record(completed: RoundCompleted, dice: float) -> RoundRecord:
+    return RoundRecord(
+        round=completed.round,
+        aggregated_val_dice=dice,
+        site_weights=completed.result.site_weights,
+        raw_weights=completed.result.raw_weights,
+        arrival_order=list(completed.result.sites),
+        sites={
+            site: SiteRound(num_samples=u.num_samples, val_dice=u.val_dice, metrics=dict(u.metrics))
             for site, u in completed.updates.items()
         },
-        "left_out": completed.left_out,
-        "notes": list(completed.result.notes),
-    }
+        left_out=completed.left_out,
+        notes=list(completed.result.notes),
+    )

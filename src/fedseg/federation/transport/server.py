@@ -1,24 +1,26 @@
-"""The federated server: a thin asyncio/websockets shell around :class:`ServerRounds`.
+"""The federated server's shell: pumps frames between connections, sessions and :class:`ServerRounds`, and keeps the timers.
 
-Every decision (who trains which round, when a round completes, whether the
-study goes on) is taken by the I/O-free :class:`~fedseg.federation.protocol.rounds.ServerRounds`;
-this module only
+Every decision is taken by the sans-I/O cores: the handshake and a site's
+messages by :class:`~fedseg.federation.protocol.session.ServerSession`, who
+trains which round and when the study goes on by
+:class:`~fedseg.federation.protocol.rounds.ServerRounds`. This module only
 
-* accepts mutual-TLS WebSocket connections and checks the peer's site
-  identity (:func:`fedseg.federation.transport.tls.peer_site`) and protocol version
-  (HELLO, :func:`fedseg.federation.protocol.wire.negotiate`), refusing with a REFUSE
-  message and a close code from :class:`~fedseg.federation.protocol.wire.ErrorCode`;
-* turns frames into events (UPDATE → ``update_received``, a lost connection
-  → ``site_failed``) and timers into events (round deadline, grace period);
-* carries out the actions: sends TRAIN, persists completed rounds in the
-  :class:`~fedseg.federation.deploy.rundir.RunDir`; at the end sends every site the
-  final and best models (MODEL) and an EVALUATE, keeps the per-case Dice
-  they return (RESULT) in ``evaluation.json``, then sends DONE — or ERROR
-  with STUDY_FAILED and a reason that names no other site.
+* runs a :class:`ServerSession` on each connection a transport accepts
+  (:func:`run_server`: websockets over mutual TLS; :func:`serve_study`: any
+  transport, e.g. :class:`~fedseg.federation.transport.memory.MemoryServer`),
+  with the peer identity the transport vouches for, and closes refused or
+  failed connections with the code the session says;
+* turns session events into round events (UPDATE → ``update_received``, a
+  lost connection → ``site_failed``) and timers into events (round deadline,
+  grace period, HELLO deadline);
+* carries out the round machine's actions: sends TRAIN, persists completed
+  rounds in a :class:`RoundStore` (the run directory); at the end sends every
+  site the final and best models (MODEL) and an EVALUATE, keeps the per-case
+  Dice they return (RESULT) in ``evaluation.json``, then sends DONE — or
+  ERROR with STUDY_FAILED and a reason that names no other site.
 
-Keepalive is websockets' own ping/pong, independent of training. Logs go to
-the ``fedseg.server`` logger and name sites, rounds and reasons — never
-tensors or key material.
+Logs go to the ``fedseg.server`` logger and name sites, rounds and reasons —
+never tensors or key material.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 
 from fedseg.errors import FedsegError
-from fedseg.federation.protocol import wire
-from fedseg.federation.deploy.provision import Kit
+from fedseg.federation.protocol.constants import (
+    HELLO_TIMEOUT_S,
+    PING_INTERVAL_S,
+    PING_TIMEOUT_S,
+)
+from fedseg.federation.protocol.errors import BadMessage, ErrorCode, UnknownSite
 from fedseg.federation.protocol.rounds import (
     Action,
     EvaluationCompleted,
@@ -49,63 +54,79 @@ from fedseg.federation.protocol.rounds import (
     StudyFailed,
     UpdateRefused,
 )
-from fedseg.federation.deploy.rundir import RunDir
-from fedseg.federation.strategies import Aggregator, Update, Weights
-from fedseg.federation.transport.tls import peer_site, server_context
-from fedseg.federation.protocol.wire import ErrorCode, Message, MessageType
-from fedseg.io import read_json
+from fedseg.federation.protocol.session import (
+    Ignored,
+    Joined,
+    Refused,
+    ResultReceived,
+    ServerEvent,
+    ServerSession,
+    SiteLeft,
+    UpdateReceived,
+    done_frames,
+    error_frames,
+    evaluate_frames,
+    model_frames,
+    train_frames,
+)
+from fedseg.federation.strategies import Aggregator, Weights
+from fedseg.federation.transport.connection import (
+    Connection,
+    ConnectionClosed,
+    ServerTransport,
+)
+from fedseg.federation.transport.kit import Kit
+from fedseg.federation.transport.tls import server_context
+from fedseg.federation.transport.websocket import WebSocketServer
 
-__all__ = ["HELLO_TIMEOUT_S", "PING_INTERVAL_S", "PING_TIMEOUT_S", "run_server"]
+__all__ = ["HELLO_TIMEOUT_S", "PING_INTERVAL_S", "PING_TIMEOUT_S", "RoundStore", "run_server", "serve_study"]
 
 log = logging.getLogger("fedseg.server")
-
-PING_INTERVAL_S = 20.0
-"""websockets keepalive: a ping every 20 s, answered by the peer's event loop even mid-epoch."""
-PING_TIMEOUT_S = 60.0
-"""A peer that does not answer a ping within 60 s is considered gone."""
-HELLO_TIMEOUT_S = 30.0
-"""How long a new connection may take to send its HELLO."""
 
 EventHook = Callable[[Action], None]
 
 
-class _Refused(Exception):
-    """Internal: the handshake failed; ``message`` is the REFUSE to send."""
+class RoundStore(Protocol):
+    """Where the server keeps the study (:class:`fedseg.federation.deploy.rundir.RunDir` is one)."""
 
-    def __init__(self, message: Message) -> None:
-        super().__init__(message.body["reason"])
-        self.message = message
+    @property
+    def finished(self) -> bool:
+        """The final step already took place."""
+        ...
+
+    def round_dice(self, number: int) -> float:
+        """The aggregated validation Dice of committed round ``number``."""
+        ...
+
+    def best_score(self) -> tuple[int, float] | None:
+        """(round, aggregated validation Dice) of the best committed round, or None before any."""
+        ...
+
+    def best(self) -> tuple[int, float, dict[str, np.ndarray]] | None:
+        """(round, aggregated validation Dice, weights) of the best committed round, or None."""
+        ...
+
+    def save_round(self, completed: RoundCompleted, server_optimizer: dict[str, np.ndarray] | None = None) -> Path:
+        """Persist a completed round, then commit it."""
+        ...
+
+    def save_evaluation(self, completed: EvaluationCompleted) -> Path:
+        """Keep the final step's per-case Dice; returns the file written."""
+        ...
+
+    def finish(self, final_weights: dict[str, np.ndarray]) -> None:
+        """Keep the final and best models and mark the study finished."""
+        ...
 
 
-def _refusal(exc: BaseException) -> _Refused:
-    return _Refused(wire.error_message(exc, type=MessageType.REFUSE))
-
-
-async def _send(ws: ServerConnection, frames: Iterable[bytes]) -> bool:
+async def _send(connection: Connection, frames: Iterable[bytes]) -> bool:
     """Send ``frames``; False if the connection is already gone (its reader reports it)."""
     try:
         for frame in frames:
-            await ws.send(frame)
+            await connection.send(frame)
     except ConnectionClosed:
         return False
     return True
-
-
-def _close_reason(text: str) -> str:
-    """A WebSocket close reason must fit in 123 bytes of UTF-8."""
-    return text.encode("utf-8")[:120].decode("utf-8", "ignore")
-
-
-def _update_from(site: str, message: Message) -> Update:
-    """The :class:`Update` an UPDATE message carries (validated later by the aggregator)."""
-    body = message.body
-    return Update(
-        site=site,
-        weights={name: np.asarray(array) for name, array in message.tensors.items()},
-        num_samples=int(body["num_samples"]),
-        val_dice=float(body["val_dice"]),
-        metrics={key: float(value) for key, value in body["metrics"].items()},
-    )
 
 
 class _Study:
@@ -113,10 +134,10 @@ class _Study:
 
     def __init__(
         self,
-        kit: Kit,
-        run_dir: RunDir,
+        run_dir: RoundStore,
         rounds: ServerRounds,
         *,
+        allowed: frozenset[str],
         round_timeout_s: float,
         grace_s: float,
         on_event: EventHook | None,
@@ -127,11 +148,11 @@ class _Study:
         self.settings = settings
         self.local_epochs = local_epochs
         self.rounds = rounds
-        self.allowed = frozenset(rounds.config.sites) & kit.allowed_sites
+        self.allowed = allowed
         self.round_timeout_s = round_timeout_s
         self.grace_s = grace_s
         self.on_event = on_event
-        self.connections: dict[str, ServerConnection] = {}
+        self.connections: dict[str, Connection] = {}
         self.finished: asyncio.Future[Weights] = asyncio.get_running_loop().create_future()
         self._round_timer: tuple[int, asyncio.TimerHandle] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -141,115 +162,94 @@ class _Study:
 
     # ---------------------------------------------------------------- connections
 
-    async def handle(self, ws: ServerConnection) -> None:
+    async def handle(self, connection: Connection) -> None:
         """One site's connection, from handshake to disconnect."""
+        session = ServerSession(rounds=self.rounds.config.rounds, settings=self.settings)
         try:
-            site = await self._handshake(ws)
-        except _Refused as refused:
-            await self._refuse(ws, refused.message)
+            joined = await self._handshake(connection, session)
+        except ConnectionClosed as exc:
+            log.debug("%s left during the handshake: %s", connection.remote_address, exc)
             return
-        await self._join(site, ws)
+        if joined is None:
+            return
+        site = joined.site
+        await self._join(site, connection, session)
         reason = "disconnected"
         try:
-            reason = await self._serve_site(site, ws)
+            reason = await self._serve_site(site, connection, session)
         except ConnectionClosed as exc:
-            reason = f"connection lost ({exc})"
+            reason = "disconnected" if exc.clean else f"connection lost ({exc})"
         finally:
-            await self._leave(site, ws, reason)
+            await self._leave(site, connection, reason)
 
-    async def _handshake(self, ws: ServerConnection) -> str:
-        """The peer's site, after checking its certificate identity and its HELLO."""
-        ssl_object = ws.transport.get_extra_info("ssl_object")
-        if ssl_object is None:
-            plain = "plain connections are refused; connect with wss:// and a site certificate"
-            raise _refusal(wire.UnknownSite(plain))
+    async def _handshake(self, connection: Connection, session: ServerSession) -> Joined | None:
+        """The peer's certificate identity and its HELLO, checked by the session; None if it was refused."""
         try:
-            site = peer_site(ssl_object, self.allowed)
-        except FedsegError as exc:
-            raise _refusal(wire.UnknownSite(str(exc))) from exc
-        try:
-            async with asyncio.timeout(HELLO_TIMEOUT_S):
-                hello = wire.Reassembler().feed(_as_bytes(await ws.recv()))
-        except TimeoutError as exc:
-            raise _refusal(wire.BadMessage(f"no HELLO within {HELLO_TIMEOUT_S:.0f} s")) from exc
-        except wire.ProtocolError as exc:
-            raise _refusal(exc) from exc
-        return self._check_hello(site, hello)
+            session.peer_identified(connection.peer_site(self.allowed))
+        except UnknownSite as exc:
+            events: list[ServerEvent] = session.refuse(exc)
+        else:
+            try:
+                events = session.receive(await connection.recv(timeout=HELLO_TIMEOUT_S))
+            except TimeoutError:
+                events = session.refuse(BadMessage(f"no HELLO within {HELLO_TIMEOUT_S:.0f} s"))
+        for event in events:
+            if isinstance(event, Joined):
+                return event
+            if isinstance(event, Refused):
+                log.warning("refused %s: %s (%s)", connection.remote_address, event.reason, event.code.name)
+        await _send(connection, session.data_to_send())
+        await connection.close(session.close_code or 1000, session.close_reason)
+        return None
 
-    @staticmethod
-    def _check_hello(site: str, hello: Message | None) -> str:
-        if hello is None or hello.type is not MessageType.HELLO:
-            raise _refusal(wire.BadMessage("the first message must be a whole HELLO"))
-        if hello.site != site:
-            raise _refusal(wire.UnknownSite(f"HELLO names site {hello.site!r} but the certificate is {site!r}"))
-        try:
-            wire.negotiate(hello.body["versions"])
-        except wire.VersionMismatch as exc:
-            raise _refusal(exc) from exc
-        return site
-
-    async def _refuse(self, ws: ServerConnection, refusal: Message) -> None:
-        code, reason = refusal.body["code"], refusal.body["reason"]
-        log.warning("refused %s: %s (%s)", ws.remote_address, reason, ErrorCode(code).name)
-        await _send(ws, [wire.encode(refusal)])
-        await ws.close(code, _close_reason(reason))
-
-    async def _join(self, site: str, ws: ServerConnection) -> None:
+    async def _join(self, site: str, connection: Connection, session: ServerSession) -> None:
         previous = self.connections.get(site)
         if previous is not None:
             log.warning("site %s reconnected; dropping its previous connection", site)
             self.connections.pop(site)
             await self._carry_out(self.rounds.site_failed(site, "reconnected"))
             await previous.close(1000, "replaced by a new connection")
-        self.connections[site] = ws
-        log.info("site %s joined from %s", site, ws.remote_address)
-        body: dict[str, Any] = {"version": wire.PROTOCOL_VERSION, "rounds": self.rounds.config.rounds}
-        if self.settings is not None:
-            body["config"] = self.settings
-        welcome = Message(MessageType.WELCOME, site=site, body=body)
-        await _send(ws, [wire.encode(welcome)])
+        self.connections[site] = connection
+        log.info("site %s joined from %s", site, connection.remote_address)
+        await _send(connection, session.data_to_send())  # the WELCOME
         await self._carry_out(self.rounds.site_connected(site))
 
-    async def _leave(self, site: str, ws: ServerConnection, reason: str) -> None:
-        if self.connections.get(site) is not ws:
+    async def _leave(self, site: str, connection: Connection, reason: str) -> None:
+        if self.connections.get(site) is not connection:
             return  # replaced by a newer connection, already reported
         del self.connections[site]
         if not self.finished.done():
             log.warning("site %s left: %s", site, reason)
         await self._carry_out(self.rounds.site_failed(site, reason))
 
-    async def _serve_site(self, site: str, ws: ServerConnection) -> str:
-        """Read the site's messages until it disconnects; returns why it stopped."""
-        reassembler = wire.Reassembler()
-        async for frame in ws:
-            try:
-                message = reassembler.feed(_as_bytes(frame))
-            except wire.ProtocolError as exc:
-                log.warning("site %s broke the protocol: %s", site, exc)
-                await _send(ws, [wire.encode(wire.error_message(exc))])
-                await ws.close(int(wire.error_code(exc)), _close_reason(str(exc)))
-                return f"protocol error: {exc}"
-            del frame  # up to a frame of bytes: not kept alive while waiting for the next one
-            if message is not None:
-                stop = await self._on_message(site, message)
-                if stop is not None:
-                    return stop
-            message = None  # nor the decoded update, once it has been folded in
-        return "disconnected"
+    async def _serve_site(self, site: str, connection: Connection, session: ServerSession) -> str:
+        """Read the site's messages until the session ends; returns why it stopped."""
+        while True:
+            # the frame (up to 64 MiB) and the decoded update live only inside _on_frame: neither is kept
+            # alive while waiting for the next frame
+            stop = await self._on_frame(site, session, await connection.recv())
+            if stop is not None:
+                await _send(connection, session.data_to_send())
+                await connection.close(session.close_code or 1000, session.close_reason)
+                return stop
 
-    async def _on_message(self, site: str, message: Message) -> str | None:
-        if message.type is MessageType.UPDATE:
-            if message.site != site:
-                return f"UPDATE signed as {message.site!r}"
-            await self._carry_out(self.rounds.update_received(site, _update_from(site, message)))
-        elif message.type is MessageType.RESULT:
-            case_dice = {case: float(dice) for case, dice in message.body["case_dice"].items()}
-            log.info("site %s: final model evaluated on %d test case(s)", site, len(case_dice))
-            await self._carry_out(self.rounds.result_received(site, case_dice))
-        elif message.type is MessageType.ERROR:
-            return f"site reported an error: {message.body['reason'] or ErrorCode(message.body['code']).name}"
-        elif message.type is not MessageType.HEARTBEAT:
-            log.warning("site %s sent an unexpected %s; ignored", site, message.type.name)
+    async def _on_frame(self, site: str, session: ServerSession, frame: bytes | str) -> str | None:
+        for event in session.receive(frame):
+            stop = await self._on_event(site, event)
+            if stop is not None:
+                return stop
+        return None
+
+    async def _on_event(self, site: str, event: ServerEvent) -> str | None:
+        if isinstance(event, UpdateReceived):
+            await self._carry_out(self.rounds.update_received(site, event.update))
+        elif isinstance(event, ResultReceived):
+            log.info("site %s: final model evaluated on %d test case(s)", site, len(event.case_dice))
+            await self._carry_out(self.rounds.result_received(site, event.case_dice))
+        elif isinstance(event, SiteLeft):
+            return event.reason
+        elif isinstance(event, Ignored):
+            log.warning("site %s sent an unexpected %s; ignored", site, event.type.name)
         return None
 
     # ---------------------------------------------------------------- actions
@@ -273,59 +273,57 @@ class _Study:
             if sends:
                 await asyncio.gather(*sends)
                 sends = []
-            if isinstance(action, UpdateRefused):
-                await self._tell_refused(action)
-            elif isinstance(action, RoundCompleted):
-                self._commit(action)
-            elif isinstance(action, EvaluationCompleted):
-                self._record_evaluation(action)
-            elif isinstance(action, StudyDone):
-                await self._finish_done(action)
-            elif isinstance(action, StudyFailed):
-                await self._finish_failed(action)
+            await self._act(action)
         if sends:
             await asyncio.gather(*sends)
         self._arm_timers()
 
+    async def _act(self, action: Action) -> None:
+        if isinstance(action, UpdateRefused):
+            await self._tell_refused(action)
+        elif isinstance(action, RoundCompleted):
+            self._commit(action)
+        elif isinstance(action, EvaluationCompleted):
+            self._record_evaluation(action)
+        elif isinstance(action, StudyDone):
+            await self._finish_done(action)
+        elif isinstance(action, StudyFailed):
+            await self._finish_failed(action)
+
     async def _send_train(self, action: SendTrain) -> None:
-        ws = self.connections.get(action.site)
-        if ws is None:
+        connection = self.connections.get(action.site)
+        if connection is None:
             return
-        if self._train_frames is None or self._train_frames[0] != action.round:
-            body = {"epochs": self.local_epochs}
-            train = Message(MessageType.TRAIN, round=action.round, body=body, tensors=self.rounds.global_weights)
-            self._train_frames = (action.round, wire.to_frames(train))
-        await _send(ws, self._train_frames[1])
+        if self._train_frames is None or self._train_frames[0] != action.round:  # built once per round
+            self._train_frames = (action.round, train_frames(action.round, self.rounds.global_weights, self.local_epochs))
+        await _send(connection, self._train_frames[1])
 
     async def _tell_refused(self, refused: UpdateRefused) -> None:
         """The site learns why its update was left out (the round's log line says it for the server)."""
-        ws = self.connections.get(refused.site)
-        if ws is not None:
-            body = {"code": int(ErrorCode.REJECTED_UPDATE), "reason": refused.reason[: wire.MAX_TEXT]}
-            await _send(ws, [wire.encode(Message(MessageType.ERROR, round=refused.round, body=body))])
+        connection = self.connections.get(refused.site)
+        if connection is not None:
+            await _send(connection, error_frames(ErrorCode.REJECTED_UPDATE, refused.reason, refused.round))
 
     def _final_messages(self, evaluate: bool) -> list[bytes]:
         """MODEL final, MODEL best, then EVALUATE naming the final model (built once, sent to each site)."""
         if self._final_frames is None:
             last = self.rounds.config.rounds - 1
-            final_dice = float(read_json(self.run_dir.round_folder(last) / "round.json")["aggregated_val_dice"])
-            body = {"model": "final", "val_dice": min(max(final_dice, 0.0), 1.0)}
-            frames = wire.to_frames(Message(MessageType.MODEL, round=last, body=body, tensors=self.rounds.global_weights))
+            final_dice = self.run_dir.round_dice(last)
+            frames = model_frames("final", last, self.rounds.global_weights, final_dice)
             best = self.run_dir.best()
             if best is not None:
                 best_round, best_dice, best_weights = best
-                best_body = {"model": "best", "val_dice": min(max(best_dice, 0.0), 1.0)}
-                frames += wire.to_frames(Message(MessageType.MODEL, round=best_round, body=best_body, tensors=best_weights))
+                frames += model_frames("best", best_round, best_weights, best_dice)
             if evaluate:
-                frames.append(wire.encode(Message(MessageType.EVALUATE, round=last, body={"model": "final"})))
+                frames += evaluate_frames(last, "final")
             self._final_frames = frames
         return self._final_frames
 
     async def _send_final(self, action: SendFinal) -> None:
-        ws = self.connections.get(action.site)
-        if ws is not None:
+        connection = self.connections.get(action.site)
+        if connection is not None:
             log.info("sending the final and best models to %s%s", action.site, " for evaluation" if action.evaluate else "")
-            await _send(ws, self._final_messages(action.evaluate))
+            await _send(connection, self._final_messages(action.evaluate))
 
     def _record_evaluation(self, completed: EvaluationCompleted) -> None:
         path = self.run_dir.save_evaluation(completed)
@@ -334,8 +332,7 @@ class _Study:
         log.info("final evaluation: %d site(s) answered; per-case Dice in %s", len(completed.case_dice), path)
 
     def _commit(self, completed: RoundCompleted) -> None:
-        state_dict = getattr(self.rounds.aggregator, "state_dict", None)
-        self.run_dir.save_round(completed, state_dict() if callable(state_dict) else None)
+        self.run_dir.save_round(completed, self.rounds.aggregator.state_dict() or None)
         for site, why in sorted(completed.left_out.items()):
             log.warning("round %d: site %s left out: %s", completed.round, site, why)
         log.info(
@@ -347,12 +344,9 @@ class _Study:
 
     async def _finish_done(self, done: StudyDone) -> None:
         self.run_dir.finish(self.rounds.global_weights)
-        state = self.run_dir.state()
-        body: dict[str, Any] = {"rounds": done.rounds}
-        if state.get("best_round", -1) >= 0:
-            body.update(best_round=int(state["best_round"]), best_dice=min(max(float(state["best_dice"]), 0.0), 1.0))
-        frames = wire.to_frames(Message(MessageType.DONE, body=body))
-        await asyncio.gather(*(_send(ws, frames) for ws in list(self.connections.values())))
+        best_round, best_dice = self.run_dir.best_score() or (-1, None)
+        frames = done_frames(done.rounds, best_round, best_dice)
+        await asyncio.gather(*(_send(connection, frames) for connection in list(self.connections.values())))
         log.info("study done after %d rounds", done.rounds)
         if not self.finished.done():
             self.finished.set_result(self.rounds.global_weights)
@@ -360,9 +354,8 @@ class _Study:
     async def _finish_failed(self, failed: StudyFailed) -> None:
         log.error("study failed: %s", failed.reason)
         # the sites get counts only: the full reason names other sites, which a site need not learn
-        body = {"code": int(ErrorCode.STUDY_FAILED), "reason": failed.public_reason}
-        frame = wire.encode(Message(MessageType.ERROR, body=body))
-        await asyncio.gather(*(_send(ws, [frame]) for ws in list(self.connections.values())))
+        frames = error_frames(ErrorCode.STUDY_FAILED, failed.public_reason)
+        await asyncio.gather(*(_send(connection, frames) for connection in list(self.connections.values())))
         if not self.finished.done():
             self.finished.set_exception(FedsegError(failed.reason))
 
@@ -406,6 +399,52 @@ class _Study:
                 handle.cancel()
 
 
+async def serve_study(
+    transport: ServerTransport,
+    run_dir: RoundStore,
+    config: RoundsConfig,
+    aggregator: Aggregator,
+    initial_weights: dict[str, np.ndarray],
+    *,
+    round_timeout_s: float,
+    grace_s: float,
+    allowed_sites: Iterable[str] | None = None,
+    first_round: int = 0,
+    on_event: EventHook | None = None,
+    settings: dict[str, Any] | None = None,
+    local_epochs: int = 1,
+) -> dict[str, np.ndarray]:
+    """Serve one federated study over ``transport`` until its last round; returns the final global weights.
+
+    Args:
+        transport: accepts the sites' connections and vouches for their identities.
+        allowed_sites: identities allowed besides being sites of ``config`` (e.g. the server kit's); None: all.
+        Others: as :func:`run_server`.
+
+    Raises:
+        FedsegError: the study failed (quorum lost); the reason names the missing sites.
+    """
+    allowed = frozenset(config.sites) & (frozenset(allowed_sites) if allowed_sites is not None else frozenset(config.sites))
+    study = _Study(
+        run_dir,
+        ServerRounds(config, aggregator, dict(initial_weights), first_round, finished=run_dir.finished),
+        allowed=allowed,
+        round_timeout_s=round_timeout_s,
+        grace_s=grace_s,
+        on_event=on_event,
+        settings=settings,
+        local_epochs=local_epochs,
+    )
+    if study.rounds.phase is Phase.DONE:
+        return dict(initial_weights)
+    try:
+        async with transport.serve(study.handle):
+            log.info("waiting for sites %s", ", ".join(sorted(allowed)))
+            return await study.finished
+    finally:
+        study.cancel_timers()
+
+
 def _log_tls_refusal(error: ssl.SSLError) -> None:
     reason = getattr(error, "verify_message", None) or error.reason or str(error)
     # a peer closing mid-handshake (port probes, health checks) is not a refusal worth a warning
@@ -413,15 +452,9 @@ def _log_tls_refusal(error: ssl.SSLError) -> None:
     log.log(level, "refused a TLS connection: %s (%s)", reason, error.__class__.__name__)
 
 
-def _as_bytes(frame: str | bytes) -> bytes:
-    if isinstance(frame, str):
-        raise wire.BadMessage("text frames are not part of the protocol; send binary frames")
-    return frame
-
-
 async def run_server(
     kit: Kit,
-    run_dir: RunDir,
+    run_dir: RoundStore,
     config: RoundsConfig,
     aggregator: Aggregator,
     initial_weights: dict[str, np.ndarray],
@@ -435,7 +468,7 @@ async def run_server(
     settings: dict[str, Any] | None = None,
     local_epochs: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Serve one federated study until its last round; returns the final global weights.
+    """Serve one federated study over mutual-TLS websockets until its last round; returns the final global weights.
 
     Args:
         kit: the server's kit (its certificate and the study CA).
@@ -456,30 +489,9 @@ async def run_server(
     Raises:
         FedsegError: the study failed (quorum lost); the reason names the missing sites.
     """
-    study = _Study(
-        kit,
-        run_dir,
-        ServerRounds(config, aggregator, dict(initial_weights), first_round, finished=run_dir.finished),
-        round_timeout_s=round_timeout_s,
-        grace_s=grace_s,
-        on_event=on_event,
-        settings=settings,
-        local_epochs=local_epochs,
+    transport = WebSocketServer(host, port, server_context(kit, _log_tls_refusal))
+    return await serve_study(
+        transport, run_dir, config, aggregator, initial_weights,
+        round_timeout_s=round_timeout_s, grace_s=grace_s, allowed_sites=kit.allowed_sites, first_round=first_round,
+        on_event=on_event, settings=settings, local_epochs=local_epochs,
     )
-    if study.rounds.phase is Phase.DONE:
-        return dict(initial_weights)
-    try:
-        async with serve(
-            study.handle,
-            host,
-            port,
-            ssl=server_context(kit, _log_tls_refusal),
-            max_size=wire.DEFAULT_MAX_FRAME,
-            compression=None,  # weights barely compress; deflate would only cost CPU
-            ping_interval=PING_INTERVAL_S,
-            ping_timeout=PING_TIMEOUT_S,
-        ):
-            log.info("listening on %s:%d for sites %s", host, port, ", ".join(sorted(study.allowed)))
-            return await study.finished
-    finally:
-        study.cancel_timers()

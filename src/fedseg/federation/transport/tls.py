@@ -24,7 +24,7 @@ from collections.abc import Callable
 from cryptography import x509
 
 from fedseg.errors import FedsegError
-from fedseg.federation.deploy.provision import Kit, site_identity
+from fedseg.federation.transport.kit import Kit, site_identity
 
 __all__ = ["MINIMUM_VERSION", "HandshakeHook", "client_context", "peer_site", "server_context"]
 
