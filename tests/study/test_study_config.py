@@ -39,7 +39,7 @@ evaluate = false
         ('server_optimizer = "fedadam"\nserver_optimizer_options = { lr = 0.1 }', "unknown option(s) lr"),
         ('server_optimizer = "fedadam"\nserver_optimizer_options = { eta = -1.0 }', "eta must be a number > 0"),
         ('evaluate = "yes"', "federation.evaluate must be true or false"),
-        ('aggregator = "median"', "unknown 'median'"),
+        ('aggregator = "krum"', "unknown 'krum'"),
     ],
 )
 def test_bad_federation_settings_are_named(tmp_path, text, message):

@@ -122,6 +122,7 @@ def client(
     data: Path = typer.Option(..., help="This site's folder (raw, or prepared by 'fedseg data prepare')."),
     fold: int = typer.Option(0, help="Cross-validation fold to train and validate on."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP + " Must match the server's."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds this site agrees to train (overrides federation.rounds; a TRAIN beyond it is refused)."),
     cache: Path = typer.Option(Path.home() / ".cache" / "fedseg", help="Folder for preprocessed copies of the site."),
     audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log: one JSON line per update sent (default: KIT/audit.jsonl)."),
     server_url: str | None = typer.Option(None, "--server-url", help="wss://HOST:PORT (default: the kit's)."),
@@ -138,6 +139,7 @@ def client(
 
     from fedseg.cli.models import _resolve
     from fedseg.errors import FedsegError
+    from fedseg.federation.protocol.session import SiteLimits
     from fedseg.federation.transport.client import run_client
     from fedseg.federation.transport.kit import load_kit
     from fedseg.site import SiteOutputs, TorchParticipant
@@ -174,6 +176,7 @@ def client(
             run_client(
                 site_kit, TorchParticipant(trainer, outputs), server_url=server_url, audit_log=audit, retries=retries,
                 share_case_names=share_case_names, settings=study.site_settings(fold),
+                limits=SiteLimits(study.federation.local_epochs, rounds or study.federation.rounds),
             )
         )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "

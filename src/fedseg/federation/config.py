@@ -5,7 +5,10 @@
 rounds = 40
 local_epochs = 1         # local epochs per round (the paper: 1)
 min_sites = 2            # default: every site
-aggregator = "dice-weighted"   # or sample-weighted, uniform
+aggregator = "dice-weighted"   # or sample-weighted, uniform, median, trimmed-mean
+max_norm_ratio = 5.0     # refuse an update changing the model > 5 x the round's median change (inf: off)
+max_site_share = 0.5     # with >= 3 sites no site weighs more than this (1: off)
+trim_fraction = 0.1      # trimmed-mean: share of sites dropped at each end per coordinate
 server_optimizer = "fedadam"   # optional
 server_optimizer_options = { eta = 0.01 }   # optional: eta, beta1, beta2, tau
 round_timeout_s = 3600.0
@@ -31,7 +34,14 @@ from pydantic import Field, field_validator, model_validator
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
-from fedseg.federation.strategies import AGGREGATORS, SERVER_OPTIMIZERS, Aggregator, make_aggregator
+from fedseg.federation.strategies import (
+    AGGREGATORS,
+    SERVER_OPTIMIZERS,
+    Aggregator,
+    Screening,
+    UpdateStore,
+    make_aggregator,
+)
 from fedseg.schema import Bool, Integer, Number, Table, Text, must_be, read_toml, toml_text
 from fedseg.training.config import TrainConfig
 
@@ -49,7 +59,11 @@ class FederationConfig(Table):
         rounds: number of rounds.
         local_epochs: local epochs each site trains per round (the paper: 1).
         min_sites: quorum; None = every site of the study.
-        aggregator: ``dice-weighted`` (the paper), ``sample-weighted`` or ``uniform``.
+        aggregator: ``dice-weighted`` (the paper), ``sample-weighted``, ``uniform``, ``median`` or ``trimmed-mean``.
+        max_norm_ratio: an update whose change from the global model exceeds this many times the
+            round's lower-median change is refused (inf: no bound).
+        max_site_share: with three or more updates, no site's aggregation weight exceeds this (1: no cap).
+        trim_fraction: ``trimmed-mean`` only: share of the sites' values dropped at each end.
         server_optimizer: None, or ``fedadam``.
         server_optimizer_options: the server optimiser's settings (FedAdam: eta, beta1, beta2, tau).
         round_timeout_s: a site that has not answered a round by then is left out of it.
@@ -65,6 +79,9 @@ class FederationConfig(Table):
     local_epochs: Count = 1
     min_sites: Count | None = None
     aggregator: Text = "dice-weighted"
+    max_norm_ratio: Annotated[float, Field(ge=1, strict=True), must_be("a number >= 1 (inf: no bound)")] = 5.0
+    max_site_share: Annotated[float, Field(gt=0, le=1, strict=True), must_be("a number in (0, 1]")] = 0.5
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5, strict=True), must_be("a number in [0, 0.5)")] = 0.1
     server_optimizer: Text | None = None
     server_optimizer_options: Annotated[dict[str, Number], must_be("a table of numbers, e.g. { eta = 0.01 }")] = {}
     round_timeout_s: Seconds = 3600.0
@@ -97,9 +114,13 @@ class FederationConfig(Table):
             raise ValueError(f"{table}.server_optimizer_options: {exc}") from None
         return self
 
-    def make_aggregator(self) -> Aggregator:
-        """A fresh aggregator as configured (a new one per run)."""
-        return make_aggregator(self.aggregator, self.server_optimizer, **self.server_optimizer_options)
+    def make_aggregator(self, store: UpdateStore | None = None) -> Aggregator:
+        """A fresh aggregator as configured (a new one per run); its updates wait in ``store`` (default: memory)."""
+        screening = Screening(self.max_norm_ratio, self.max_site_share)
+        return make_aggregator(
+            self.aggregator, self.server_optimizer, screening=screening, store=store, trim_fraction=self.trim_fraction,
+            **self.server_optimizer_options,
+        )
 
     def quorum(self, n_sites: int) -> int:
         """``min_sites``, or every site when unset."""

@@ -44,7 +44,7 @@ def commit_round(run: RunDir, aggregator: Aggregator, weights: Weights) -> Round
     moved = {n: a + np.asarray(0.5, a.dtype) if a.dtype.kind == "f" else a.copy() for n, a in weights.items()}
     actions = []
     for site, dice in zip(SITES, (0.5, 0.7), strict=True):
-        actions = rounds.update_received(site, Update(site, moved, 4, dice))
+        actions = rounds.update_received(site, Update(site, moved, 4, dice), rounds.round_open)
     completed = next(a for a in actions if isinstance(a, RoundCompleted))
     run.save_round(completed, aggregator.state_dict())
     return completed

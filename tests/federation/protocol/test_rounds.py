@@ -51,8 +51,8 @@ def test_round_starts_at_quorum_after_grace_and_late_joiner_waits_for_next_round
     assert rounds.quorum_wait_expired() == [SendTrain("nci", 0), SendTrain("suny", 0)]
     assert rounds.round_open == 0
     assert rounds.site_connected("ucla") == []  # joins round 1
-    rounds.update_received("nci", update("nci", 1.0, dice=0.9))
-    actions = rounds.update_received("suny", update("suny", 4.0, dice=0.6))
+    rounds.update_received("nci", update("nci", 1.0, dice=0.9), rounds.round_open)
+    actions = rounds.update_received("suny", update("suny", 4.0, dice=0.6), rounds.round_open)
     completed = actions[0]
     assert isinstance(completed, RoundCompleted) and completed.round == 0
     # dice-weighted by hand: (0.9 * 1 + 0.6 * 4) / 1.5 = 2.2
@@ -67,13 +67,14 @@ def test_rejected_update_never_reaches_the_global_model():
     for site in SITES:
         rounds.site_connected(site)
     bad = Update("ucla", {"w": np.array([np.nan, 0, 0], np.float32)}, 10, 0.9)
-    (refused,) = rounds.update_received("ucla", bad)  # the site is told why, the round goes on
+    (refused,) = rounds.update_received("ucla", bad, rounds.round_open)  # the site is told why, the round goes on
     assert isinstance(refused, UpdateRefused) and (refused.site, refused.round) == ("ucla", 0)
     assert "non-finite" in refused.reason
-    rounds.update_received("nci", update("nci", 1.0))
-    completed = rounds.update_received("suny", update("suny", 3.0))[0]
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    completed = rounds.update_received("suny", update("suny", 3.0), rounds.round_open)[0]
     assert np.allclose(completed.result.weights["w"], 2.0)
-    assert "ucla" in completed.left_out and "rejected" in completed.left_out["ucla"]
+    assert "ucla" in completed.left_out and "refused" in completed.left_out["ucla"]
+    assert "non-finite" in completed.refused["ucla"]
     assert set(completed.updates) == {"nci", "suny"}
 
 
@@ -91,9 +92,9 @@ def test_every_kind_of_bad_update_is_left_out(bad):
     rounds = server(min_sites=2)
     for site in SITES:
         rounds.site_connected(site)
-    rounds.update_received("ucla", bad)
-    rounds.update_received("nci", update("nci", 1.0))
-    completed = rounds.update_received("suny", update("suny", 1.0))[0]
+    rounds.update_received("ucla", bad, rounds.round_open)
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    completed = rounds.update_received("suny", update("suny", 1.0), rounds.round_open)[0]
     assert np.allclose(completed.result.weights["w"], 1.0)
     assert list(completed.left_out) == ["ucla"]
 
@@ -102,8 +103,8 @@ def test_timeout_leaves_pending_sites_out_and_round_completes_with_quorum():
     rounds = server(min_sites=2)
     for site in SITES:
         rounds.site_connected(site)
-    rounds.update_received("nci", update("nci", 1.0))
-    rounds.update_received("suny", update("suny", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    rounds.update_received("suny", update("suny", 1.0), rounds.round_open)
     assert rounds.round_timed_out(5) == []  # another round's timer: ignored
     completed = rounds.round_timed_out(0)[0]
     assert completed.left_out == {"ucla": "timed out"}
@@ -113,7 +114,7 @@ def test_quorum_lost_fails_the_study_with_reasons():
     rounds = server(min_sites=3)
     for site in SITES:
         rounds.site_connected(site)
-    rounds.update_received("nci", update("nci", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
     rounds.site_failed("suny", "connection lost")
     actions = rounds.round_timed_out(0)
     assert len(actions) == 1 and isinstance(actions[0], StudyFailed)
@@ -138,12 +139,12 @@ def test_site_reconnecting_mid_study_is_asked_again():
     for site in SITES:
         rounds.site_connected(site)
     rounds.site_failed("ucla", "killed")
-    rounds.update_received("nci", update("nci", 1.0))
-    actions = rounds.update_received("suny", update("suny", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    actions = rounds.update_received("suny", update("suny", 1.0), rounds.round_open)
     assert [a.site for a in actions if isinstance(a, SendTrain)] == ["nci", "suny"]
     assert rounds.site_connected("ucla") == []  # round 1 already open
-    rounds.update_received("nci", update("nci", 1.0))
-    actions = rounds.update_received("suny", update("suny", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    actions = rounds.update_received("suny", update("suny", 1.0), rounds.round_open)
     assert [a.site for a in actions if isinstance(a, SendTrain)] == ["nci", "suny", "ucla"]
 
 
@@ -152,21 +153,22 @@ def test_last_round_without_evaluation_sends_the_models_and_ends_the_study():
     rounds.site_connected("nci")
     rounds.site_connected("suny")
     rounds.quorum_wait_expired()
-    rounds.update_received("nci", update("nci", 1.0))
-    actions = rounds.update_received("suny", update("suny", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    actions = rounds.update_received("suny", update("suny", 1.0), rounds.round_open)
     assert isinstance(actions[0], RoundCompleted)
     assert actions[1:] == [SendFinal("nci", False), SendFinal("suny", False), StudyDone(1)]
     assert rounds.phase == Phase.DONE
-    assert rounds.update_received("nci", update("nci", 9.0)) == []
+    (late,) = rounds.update_received("nci", update("nci", 9.0), 0)  # refused (and told), never aggregated
+    assert isinstance(late, UpdateRefused) and "no training round is open" in late.reason
     assert np.allclose(rounds.global_weights["w"], 1.0)
 
 
 def finish_training(rounds: ServerRounds) -> list:
     for site in SITES:
         rounds.site_connected(site)
-    rounds.update_received("nci", update("nci", 1.0))
-    rounds.update_received("suny", update("suny", 1.0))
-    return rounds.update_received("ucla", update("ucla", 1.0))
+    rounds.update_received("nci", update("nci", 1.0), rounds.round_open)
+    rounds.update_received("suny", update("suny", 1.0), rounds.round_open)
+    return rounds.update_received("ucla", update("ucla", 1.0), rounds.round_open)
 
 
 def test_final_step_collects_per_case_dice_from_every_site():
@@ -174,7 +176,8 @@ def test_final_step_collects_per_case_dice_from_every_site():
     actions = finish_training(rounds)
     assert actions[1:] == [SendFinal(site, True) for site in SITES]
     assert rounds.phase == Phase.FINISHING and rounds.round_open == 1
-    assert rounds.update_received("nci", update("nci", 5.0)) == []  # no training any more
+    (late,) = rounds.update_received("nci", update("nci", 5.0), 0)  # no training any more
+    assert isinstance(late, UpdateRefused)
     assert rounds.result_received("nci", {"c1": 0.9, "c2": 0.8}) == []
     assert rounds.result_received("nci", {"c1": 0.0}) == []  # second answer ignored
     assert rounds.result_received("suny", {"c3": 0.7}) == []
@@ -216,9 +219,9 @@ def test_completed_rounds_keep_the_sites_scalars_but_not_their_weights():
     rounds = server(rounds=2)
     for site in SITES:
         rounds.site_connected(site)
-    rounds.update_received("nci", update("nci", 1.0, dice=0.9))
-    rounds.update_received("suny", update("suny", 2.0, dice=0.8))
-    completed = rounds.update_received("ucla", update("ucla", 3.0, dice=0.7))[0]
+    rounds.update_received("nci", update("nci", 1.0, dice=0.9), rounds.round_open)
+    rounds.update_received("suny", update("suny", 2.0, dice=0.8), rounds.round_open)
+    completed = rounds.update_received("ucla", update("ucla", 3.0, dice=0.7), rounds.round_open)[0]
     assert isinstance(completed, RoundCompleted)
     assert all(u.weights == {} for u in completed.updates.values())
     assert {s: u.val_dice for s, u in completed.updates.items()} == {"nci": 0.9, "suny": 0.8, "ucla": 0.7}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Any
 
 import numpy as np
@@ -279,7 +281,8 @@ class TestSiteRounds:
         assert update.body == {"num_samples": 12, "val_dice": 0.75, "metrics": {"train_loss": 0.25}}
         assert record == {
             "server": "wss://server:8443", "round": 3, "site": "nci", "message": "UPDATE",
-            "bytes_sent": sum(map(len, frames)), "tensors": sorted(WEIGHTS),
+            "bytes_sent": sum(map(len, frames)), "sha256": hashlib.sha256(b"".join(frames)).hexdigest(),
+            "tensors": sorted(WEIGHTS),
             "scalars": {"num_samples": 12, "val_dice": 0.75, "train_loss": 0.25},
         }
 

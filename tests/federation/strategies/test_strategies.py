@@ -16,11 +16,16 @@ from hypothesis.extra import numpy as hnp
 
 from fedseg.errors import FedsegError
 from fedseg.federation.strategies import (
+    MemoryStore,
     AGGREGATORS,
+    NO_SCREENING,
     AdamOptions,
     Aggregator,
+    CoordinateMedian,
     FedAdam,
     RoundResult,
+    Screening,
+    TrimmedMean,
     Update,
     UpdateRejected,
     WeightedMean,
@@ -29,11 +34,13 @@ from fedseg.federation.strategies import (
     validate_update,
 )
 
-dice_weighted = partial(WeightedMean, "dice-weighted")
-sample_weighted = partial(WeightedMean, "sample-weighted")
-uniform = partial(WeightedMean, "uniform")
+# the plain means of the paper and FedAvg: the round's screening (norm bound, share cap) is tested below
+dice_weighted = partial(WeightedMean, "dice-weighted", NO_SCREENING)
+sample_weighted = partial(WeightedMean, "sample-weighted", NO_SCREENING)
+uniform = partial(WeightedMean, "uniform", NO_SCREENING)
 MEANS: list[Callable[[], Aggregator]] = [dice_weighted, sample_weighted, uniform]
-ALL_AGGREGATORS: list[Callable[[], Aggregator]] = [*MEANS, FedAdam]
+ALL_AGGREGATORS: list[Callable[[], Aggregator]] = [*MEANS, lambda: FedAdam(dice_weighted())]
+SCREENED: list[Callable[[], Aggregator]] = [partial(WeightedMean, "dice-weighted"), CoordinateMedian, TrimmedMean]
 
 
 def model(w: list[float], b: float = 0.0, steps: int = 0) -> dict[str, np.ndarray]:
@@ -78,7 +85,7 @@ def test_dice_weighted_by_hand() -> None:
     np.testing.assert_allclose(result.weights["conv.bias"], 2.2, rtol=1e-6)
     assert result.weights["conv.weight"].dtype == np.float32
     assert all(isinstance(a, np.ndarray) for a in result.weights.values())  # 0-d tensors too
-    assert result.weights["bn.num_batches_tracked"] == 5  # from nci, the heaviest site
+    assert result.weights["bn.num_batches_tracked"] == 7  # the lower median of 5, 7, 9: no site's count taken whole
     assert result.notes == []
 
 
@@ -89,7 +96,7 @@ def test_sample_weighted_by_hand() -> None:
     assert result.site_weights == pytest.approx({"nci": 0.3, "suny": 0.1, "ucla": 0.6})
     np.testing.assert_allclose(result.weights["conv.weight"], [0.6, 3.0], rtol=1e-6)
     np.testing.assert_allclose(result.weights["conv.bias"], 2.9, rtol=1e-6)
-    assert result.weights["bn.num_batches_tracked"] == 9  # from ucla
+    assert result.weights["bn.num_batches_tracked"] == 7
 
 
 def test_uniform_by_hand() -> None:
@@ -98,8 +105,7 @@ def test_uniform_by_hand() -> None:
     assert result.site_weights == pytest.approx({"nci": 1 / 3, "suny": 1 / 3, "ucla": 1 / 3})
     np.testing.assert_allclose(result.weights["conv.weight"], [4 / 3, 2.0], rtol=1e-6)
     np.testing.assert_allclose(result.weights["conv.bias"], 7 / 3, rtol=1e-6)
-    # all tie: the integer buffer comes from the alphabetically first site
-    assert result.weights["bn.num_batches_tracked"] == 5
+    assert result.weights["bn.num_batches_tracked"] == 7
 
 
 @pytest.mark.parametrize("factory", ALL_AGGREGATORS)
@@ -139,9 +145,10 @@ def test_integer_buffers_are_not_averaged() -> None:
     b = update("b", model([1.0, 1.0], steps=21) | {"mask": np.array([False, False])}, dice=0.1)
     for order in ([a, b], [b, a]):
         result = run_round(dice_weighted(), g, order)
-        assert result.weights["bn.num_batches_tracked"] == 10  # not 11 (the weighted mean)
+        # element-wise lower median (of two: the smaller), whatever the weights: not 11 (the weighted mean)
+        assert result.weights["bn.num_batches_tracked"] == 10
         assert result.weights["bn.num_batches_tracked"].dtype == np.int64
-        np.testing.assert_array_equal(result.weights["mask"], [True, True])
+        np.testing.assert_array_equal(result.weights["mask"], [False, False])
         assert result.weights["mask"].dtype == np.bool_
 
 
@@ -266,7 +273,7 @@ def test_all_zero_weights_raise_without_fallback() -> None:
 
 def test_a_weighting_is_a_parameter() -> None:
     # weight by a reported metric: 1 / loss -> 1, 0.5, 0.25 -> 4/7, 2/7, 1/7
-    by_loss = WeightedMean(Weighting("inverse-loss", lambda update: 1.0 / update.metrics["loss"]))
+    by_loss = WeightedMean(Weighting("inverse-loss", lambda update: 1.0 / update.metrics["loss"]), NO_SCREENING)
     updates = [Update(u.site, u.weights, u.num_samples, u.val_dice, {"loss": loss}) for u, loss in zip(THREE_SITES, [1.0, 2.0, 4.0], strict=True)]
     result = run_round(by_loss, GLOBAL, updates)
     assert result.site_weights == pytest.approx({"nci": 4 / 7, "suny": 2 / 7, "ucla": 1 / 7})
@@ -281,33 +288,41 @@ def test_negative_weight_is_rejected() -> None:
 
 
 def test_unknown_weighting_name_lists_the_known_ones() -> None:
-    with pytest.raises(FedsegError, match="unknown weighting 'median'; choose one of: dice-weighted, sample-weighted, uniform"):
-        WeightedMean("median")
+    with pytest.raises(FedsegError, match="unknown weighting 'krum'; choose one of: dice-weighted, sample-weighted, uniform"):
+        WeightedMean("krum")
 
 
-# --- streaming memory -----------------------------------------------------------------------------
+# --- memory: the round's updates live in the store only ----------------------------------------
 
 
-def test_memory_is_one_float64_accumulator_per_tensor() -> None:
+class CountingStore(MemoryStore):
+    """A memory store that counts what the aggregator reads back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, str]] = []
+
+    def get(self, site: str, name: str) -> np.ndarray:
+        self.reads.append((site, name))
+        return super().get(site, name)
+
+
+def test_the_updates_wait_in_the_store_and_are_read_once_per_tensor() -> None:
     g = {"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float16)}
-    aggregator = dice_weighted()
+    store = CountingStore()
+    aggregator = WeightedMean("dice-weighted", store=store)
     aggregator.start_round(g)
     rng = np.random.default_rng(0)
     for i in range(50):
         weights = {n: rng.normal(size=a.shape).astype(a.dtype) for n, a in g.items()}
         aggregator.add(update(f"site{i:02d}", weights, dice=float(rng.uniform(0.1, 1))))
-    running = aggregator._running
-    assert running is not None
-    assert set(running.means) == {"a", "b"}
-    assert [(s.dtype, s.shape) for s in running.means.values()] == [(np.float64, (4, 5)), (np.float64, (3,))]
-    # nothing else of model size is held: no list of updates, no other arrays
-    arrays = [v for v in vars(running).values() if isinstance(v, np.ndarray)]
-    assert arrays == [] and running.exact == {} and len(running.raw) == 50
-    assert all(isinstance(v, float) for v in running.raw.values())
-    assert not any(isinstance(v, (list, tuple)) and len(v) > 2 for v in vars(running).values())
-    held = sum(s.nbytes for s in running.means.values())
-    assert held == (20 + 3) * 8
-    assert aggregator.finish().weights["b"].dtype == np.float16
+    # besides the store, the aggregator holds the round's global model and scalars per site, no update
+    held = [v for v in vars(aggregator).values() if isinstance(v, np.ndarray)]
+    assert held == [] and all(len(vars(kept)) == 2 for kept in aggregator._kept.values())
+    result = aggregator.finish()
+    assert sorted(store.reads) == sorted((f"site{i:02d}", n) for i in range(50) for n in g)
+    assert result.weights["b"].dtype == np.float16
+    assert store._updates == {}  # the round closed: the store is empty
 
 
 # --- FedAdam --------------------------------------------------------------------------------------
@@ -436,13 +451,124 @@ def test_a_weighted_mean_keeps_no_state() -> None:
 
 
 def test_make_aggregator() -> None:
-    assert set(AGGREGATORS) == {"dice-weighted", "sample-weighted", "uniform"}
-    for name, weighting in AGGREGATORS.items():
+    assert set(AGGREGATORS) == {"dice-weighted", "sample-weighted", "uniform", "median", "trimmed-mean"}
+    for name in ("dice-weighted", "sample-weighted", "uniform"):
         aggregator = make_aggregator(name)
-        assert type(aggregator) is WeightedMean and aggregator.weighting is weighting and aggregator.name == name
+        assert type(aggregator) is WeightedMean and aggregator.weighting.name == name and aggregator.name == name
+        assert aggregator.screening == Screening()  # the norm bound and share cap are on by default
+    assert type(make_aggregator("median")) is CoordinateMedian
+    trimmed = make_aggregator("trimmed-mean", trim_fraction=0.25, screening=NO_SCREENING)
+    assert type(trimmed) is TrimmedMean and trimmed.trim_fraction == 0.25 and trimmed.screening == NO_SCREENING
     adam = make_aggregator("uniform", "fedadam", eta=0.5, tau=1e-6)
     assert isinstance(adam, FedAdam) and isinstance(adam.inner, WeightedMean) and adam.inner.name == "uniform"
     assert adam.options == AdamOptions(eta=0.5, tau=1e-6)
+
+
+# --- screening: the norm bound and the share cap ----------------------------------------------------
+
+
+HONEST = [update(site, model([1.0 + i, 2.0 - i], b=0.5), dice=0.8) for i, site in enumerate(("nci", "suny", "ucla"))]
+
+
+def scaled(weights: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    return {n: np.asarray(a * factor, a.dtype) if a.dtype.kind == "f" else a.copy() for n, a in weights.items()}
+
+
+ATTACKS = {
+    "x1000": lambda w: scaled(w, 1000.0),
+    "x1e6": lambda w: scaled(w, 1e6),
+    "float32 max": lambda w: {n: np.full_like(a, np.finfo(np.float32).max) if a.dtype.kind == "f" else a for n, a in w.items()},
+}
+
+
+@pytest.mark.parametrize("factory", SCREENED)
+@pytest.mark.parametrize("attack", list(ATTACKS.values()), ids=list(ATTACKS))
+def test_an_oversized_update_is_refused_when_the_round_closes(factory: Callable[[], Aggregator], attack: Callable) -> None:
+    liar = update("liar", attack(HONEST[0].weights), dice=1.0, n=2**63 - 1)
+    result = run_round(factory(), GLOBAL, [*HONEST, liar])
+    assert result.sites == ["nci", "suny", "ucla"] and set(result.refused) == {"liar"}
+    assert "exceeds 5 x the round's median change" in result.refused["liar"]
+    clean = run_round(factory(), GLOBAL, HONEST)
+    for name, array in clean.weights.items():
+        np.testing.assert_array_equal(result.weights[name], array)
+    assert result.update_norms["liar"] > 5 * sorted(result.update_norms.values())[1]
+
+
+def test_the_bound_is_relative_to_the_lower_median_so_honest_spread_passes() -> None:
+    # one site moved ~4x further than the others (more cases): within 5 x the median change; 6x is not
+    spread = [*HONEST[:2], update("ucla", scaled(HONEST[1].weights, 4.0), dice=0.8)]
+    assert run_round(WeightedMean("uniform"), GLOBAL, spread).refused == {}
+    spread = [*HONEST[:2], update("ucla", scaled(HONEST[1].weights, 6.0), dice=0.8)]
+    assert set(run_round(WeightedMean("uniform"), GLOBAL, spread).refused) == {"ucla"}
+
+
+def test_a_sign_flipped_update_is_kept_out_of_the_median_by_the_others() -> None:
+    flipped = update("liar", scaled(HONEST[0].weights, -1.0), dice=1.0)
+    result = run_round(CoordinateMedian(), GLOBAL, [*HONEST, flipped])
+    lo = np.minimum.reduce([u.weights["conv.weight"] for u in HONEST])
+    hi = np.maximum.reduce([u.weights["conv.weight"] for u in HONEST])
+    assert np.all(result.weights["conv.weight"] >= lo) and np.all(result.weights["conv.weight"] <= hi)
+
+
+def test_with_two_updates_the_previous_rounds_median_bounds_the_round() -> None:
+    aggregator = WeightedMean("uniform")
+    first = run_round(aggregator, GLOBAL, HONEST)
+    assert first.notes == []
+    two = [HONEST[0], update("liar", scaled(HONEST[1].weights, 1000.0))]
+    result = run_round(aggregator, GLOBAL, two)
+    assert set(result.refused) == {"liar"} and "previous round" in result.notes[0]
+    fresh = run_round(WeightedMean("uniform"), GLOBAL, two)  # no history: said, not hidden
+    assert fresh.refused == {} and "no norm bound this round" in fresh.notes[0]
+
+
+def test_no_site_takes_more_than_half_of_the_weight() -> None:
+    # sample-weighted: 30, 10, 60 samples -> 0.3, 0.1, 0.6; capped: 0.5 and the excess 0.1 to the others 3:1
+    result = run_round(WeightedMean("sample-weighted"), GLOBAL, THREE_SITES)
+    assert result.site_weights == pytest.approx({"nci": 0.375, "suny": 0.125, "ucla": 0.5})
+    assert "capped" in result.notes[0] and "ucla" in result.notes[0]
+    liar = [*HONEST, update("liar", HONEST[0].weights, n=2**63 - 1)]
+    shares = run_round(WeightedMean("sample-weighted"), GLOBAL, liar).site_weights
+    assert shares["liar"] == pytest.approx(0.5) and math.fsum(shares.values()) == pytest.approx(1.0)
+
+
+def test_the_cap_leaves_zero_weights_at_zero() -> None:
+    updates = [update("a", model([8.0, 8.0]), dice=0.0), update("b", model([2.0, 4.0]), dice=0.5)]
+    updates.append(update("c", model([9.0, 9.0]), dice=0.0))
+    result = run_round(WeightedMean("dice-weighted"), GLOBAL, updates)
+    assert result.site_weights == {"a": 0.0, "b": 1.0, "c": 0.0}
+
+
+@given(st.lists(st.floats(0.0, 1e6), min_size=3, max_size=12), st.floats(0.05, 1.0))
+def test_capped_shares_sum_to_one_and_respect_the_cap(raw: list[float], cap: float) -> None:
+    total = math.fsum(raw)
+    if total == 0:
+        return
+    shares = {f"s{i}": w / total for i, w in enumerate(raw)}
+    capped, _ = Screening(None, cap).capped(shares)
+    positive = [w for w in shares.values() if w > 0]
+    assert math.fsum(capped.values()) == pytest.approx(1.0)
+    assert max(capped.values()) <= max(cap, 1 / len(positive)) + 1e-9
+    assert all(capped[site] == 0 for site, w in shares.items() if w == 0)
+
+
+def test_median_and_trimmed_mean_by_hand() -> None:
+    five = [update(f"s{i}", model([v, -v], b=v)) for i, v in enumerate([1.0, 2.0, 3.0, 10.0, -20.0])]
+    median = run_round(CoordinateMedian(NO_SCREENING), GLOBAL, five)
+    np.testing.assert_allclose(median.weights["conv.weight"], [2.0, -2.0])
+    trimmed = run_round(TrimmedMean(0.2, NO_SCREENING), GLOBAL, five)  # drops one at each end: mean of 1, 2, 3
+    np.testing.assert_allclose(trimmed.weights["conv.bias"], 2.0)
+    assert TrimmedMean(0.0).trimmed(3) == 1 and TrimmedMean(0.4).trimmed(10) == 4 and TrimmedMean(0.1).trimmed(2) == 0
+    assert median.site_weights == pytest.approx({u.site: 0.2 for u in five})
+
+
+def test_screening_settings_are_checked() -> None:
+    with pytest.raises(FedsegError, match="max_norm_ratio must be a number >= 1"):
+        Screening(0.5)
+    with pytest.raises(FedsegError, match="max_site_share must be in"):
+        Screening(5.0, 0.0)
+    assert Screening(math.inf).max_norm_ratio is None
+    with pytest.raises(FedsegError, match="trim_fraction"):
+        TrimmedMean(0.5)
 
 
 @pytest.mark.parametrize(
@@ -521,7 +647,7 @@ def test_fedadam_with_identical_updates_equal_to_the_global_stays_put(updates: l
         np.testing.assert_array_equal(result.weights[name], array)
 
 
-@pytest.mark.parametrize("factory", ALL_AGGREGATORS)
+@pytest.mark.parametrize("factory", [*ALL_AGGREGATORS, *SCREENED])
 @settings(max_examples=25, deadline=None)
 @given(updates=site_updates(min_sites=2, max_sites=4), data=st.data())
 def test_order_of_arrival_does_not_matter(
@@ -531,7 +657,8 @@ def test_order_of_arrival_does_not_matter(
     reference = run_round(factory(), g, updates)
     order = data.draw(st.permutations(updates))
     shuffled = run_round(factory(), g, order)
-    assert shuffled.sites == [u.site for u in order]
+    assert shuffled.refused.keys() == reference.refused.keys()
+    assert shuffled.sites == [u.site for u in order if u.site not in shuffled.refused]
     assert shuffled.site_weights == pytest.approx(reference.site_weights)
     for name, array in reference.weights.items():
         np.testing.assert_allclose(shuffled.weights[name], array, rtol=1e-5, atol=1e-3)

@@ -157,11 +157,14 @@ def test_three_site_study_in_memory(tmp_path: Path) -> None:
         "n": 3, "mean_dice": pytest.approx(0.6), "case_dice": {"case-001": 0.5, "case-002": 0.6, "case-003": pytest.approx(0.7)}
     }
 
-    # the audit log: every UPDATE and the RESULT, under pseudonyms
+    # the audit log: every message that left, the HELLO, every UPDATE and the RESULT (under pseudonyms)
     lines = [json.loads(line) for line in (tmp_path / "nci.audit.jsonl").read_text().splitlines()]
-    assert [(line["message"], line["round"]) for line in lines] == [("UPDATE", 0), ("UPDATE", 1), ("UPDATE", 2), ("RESULT", 2)]
-    assert lines[0]["server"] == "memory://server" and lines[0]["tensors"] == sorted(INITIAL)
-    assert lines[0]["scalars"] == {"num_samples": 10, "val_dice": pytest.approx(0.9), "train_loss": 1.0}
+    assert [(line["message"], line["round"]) for line in lines] == [
+        ("HELLO", None), ("UPDATE", 0), ("UPDATE", 1), ("UPDATE", 2), ("RESULT", 2)
+    ]
+    assert lines[1]["server"] == "memory://server" and lines[1]["tensors"] == sorted(INITIAL)
+    assert lines[1]["scalars"] == {"num_samples": 10, "val_dice": pytest.approx(0.9), "train_loss": 1.0}
+    assert all(len(line["sha256"]) == 64 for line in lines)
     assert sorted(lines[-1]["scalars"]["case_dice"]) == ["case-001", "case-002", "case-003"]
 
 
@@ -181,7 +184,26 @@ def test_a_site_that_dies_is_left_out_and_the_study_goes_on(tmp_path: Path) -> N
 
 
 def test_a_rejected_update_leaves_the_site_out_of_that_round_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    class Poisoning(NumpyParticipant):
+    class Misshapen(NumpyParticipant):
+        def train(self, weights: Weights, round: int, epochs: int) -> LocalUpdate:
+            update = super().train(weights, round, epochs)
+            if round == 0:
+                update.weights["conv.bias"] = np.zeros(7, np.float32)  # the server refuses it, the site cannot tell
+            return update
+
+    participants = {site: NumpyParticipant(i) for i, site in enumerate(SITES[:2])}
+    participants["ucla"] = Misshapen(2)
+    with caplog.at_level(logging.WARNING, logger="fedseg.client"):
+        _, results, completed = asyncio.run(study(tmp_path, participants))
+    assert sorted(completed[0].result.sites) == ["nci", "suny"] and "shape" in completed[0].refused["ucla"]
+    assert [sorted(c.result.sites) for c in completed[1:]] == [sorted(SITES)] * 2
+    told = [r.getMessage() for r in caplog.records if "rejected this site's update" in r.getMessage()]
+    assert len(told) == 1 and told[0].startswith("round 0:")
+    assert all(isinstance(weights, dict) for weights in results.values())
+
+
+def test_a_site_whose_training_diverges_reports_it_and_stays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Diverging(NumpyParticipant):
         def train(self, weights: Weights, round: int, epochs: int) -> LocalUpdate:
             update = super().train(weights, round, epochs)
             if round == 0:
@@ -189,14 +211,17 @@ def test_a_rejected_update_leaves_the_site_out_of_that_round_only(tmp_path: Path
             return update
 
     participants = {site: NumpyParticipant(i) for i, site in enumerate(SITES[:2])}
-    participants["ucla"] = Poisoning(2)
-    with caplog.at_level(logging.WARNING, logger="fedseg.client"):
+    participants["ucla"] = Diverging(2)
+    with caplog.at_level(logging.WARNING):
         _, results, completed = asyncio.run(study(tmp_path, participants))
-    assert sorted(completed[0].result.sites) == ["nci", "suny"] and "rejected" in completed[0].left_out["ucla"]
+    # nothing non-finite left the site: it said its round failed, and trained the next rounds
+    assert sorted(completed[0].result.sites) == ["nci", "suny"] and completed[0].refused == {}
+    assert "training failed at the site" in completed[0].left_out["ucla"] and "NaN" in completed[0].left_out["ucla"]
     assert [sorted(c.result.sites) for c in completed[1:]] == [sorted(SITES)] * 2
-    told = [r.getMessage() for r in caplog.records if "rejected this site's update" in r.getMessage()]
-    assert len(told) == 1 and told[0].startswith("round 0:")
     assert all(isinstance(weights, dict) for weights in results.values())
+    audit = [json.loads(line) for line in (tmp_path / "ucla.audit.jsonl").read_text().splitlines()]
+    assert [line["message"] for line in audit[:3]] == ["HELLO", "ERROR", "UPDATE"]
+    assert audit[1]["scalars"]["code"] == 4424 and audit[1]["tensors"] == []
 
 
 def test_a_dropped_link_is_retried_and_the_site_rejoins(tmp_path: Path) -> None:

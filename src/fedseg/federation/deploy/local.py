@@ -130,6 +130,7 @@ def run_fold(
     site_args: list[str | Path] = [*common]
     site_args += ["--device", device] if device is not None else []
     site_args += ["--processes", str(site_processes)] if site_processes is not None else []
+    site_args += ["--rounds", str(rounds)] if rounds is not None else []  # a site refuses rounds beyond its own count
     with Supervisor() as children:
         server = children.start("server", fedseg_command(*server_args, *common), logs / "server.log")
         # the clients start alongside the server (their start-up overlaps its own; they retry until it listens)
@@ -187,7 +188,7 @@ def write_fl_model(
     save_weights(model_dir / f"fold{run.fold}" / "best.safetensors", weights)
     write_json(
         model_dir / f"fold{run.fold}" / "best.json",
-        {"source": str(best), "round": run.best_round, "aggregated_val_dice": run.best_dice, "rounds": run.rounds},
+        {"source": str(best), "round": run.best_round, "median_val_dice": run.best_dice, "rounds": run.rounds},
     )
     hardware = {**resolve_hardware(study.train.device, study.train.amp).record(), "processes": site_processes or 1, "where": "every site"}
     record_fold(model_dir, FoldOutcome(run.fold, run.best_dice, run.best_round + 1, run.rounds, run.seconds, 0, hardware))

@@ -22,6 +22,7 @@ safetensors, the rest in JSON. ``state.json`` is a :class:`RunState`,
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class RunState(Record):
 
     completed_rounds: int = 0
     best_round: int = -1  # -1: no round yet
-    best_dice: float = -1.0  # aggregated validation Dice of ``best_round``
+    best_dice: float = -1.0  # the score of ``best_round``: its median site validation Dice (see round_score)
     finished: bool = False  # older runs, and unfinished ones, lack it
 
     @property
@@ -66,14 +67,25 @@ class SiteRound(Record):
 class RoundRecord(Record):
     """``rounds/<n>/round.json``: what a committed round aggregated, and how."""
 
+    optional_keys = ("median_val_dice", "refused", "late_updates", "update_norms")
+
     round: int
-    aggregated_val_dice: float
+    aggregated_val_dice: float  # site Dice weighted by the aggregation weights (what the paper reports)
+    median_val_dice: float | None = None  # lower median of the sites' Dice: the score that picks the best round
     site_weights: dict[str, float]
     raw_weights: dict[str, float] = {}
     arrival_order: list[str] = []
     sites: dict[str, SiteRound]
     left_out: dict[str, str] = {}  # site -> why it is not in this round
+    refused: dict[str, str] = {}  # site -> why its update was refused (also in left_out)
+    late_updates: list[str] = []  # "site: reason" for stale, duplicate or unasked updates refused
+    update_norms: dict[str, float] = {}  # each received update's change from the global model (L2)
     notes: list[str] = []
+
+    @property
+    def score(self) -> float:
+        """What the best round is chosen by: the median Dice (older runs: the aggregated one)."""
+        return self.aggregated_val_dice if self.median_val_dice is None else self.median_val_dice
 
 
 class SiteEvaluation(Record):
@@ -123,6 +135,11 @@ def aggregated_dice(completed: RoundCompleted) -> float:
     return float(sum(weights[site] * completed.updates[site].val_dice for site in weights))
 
 
+def round_score(completed: RoundCompleted) -> float:
+    """The lower median of the aggregated sites' validation Dice: no one site can raise it alone (with >= 3 sites)."""
+    return float(statistics.median_low([update.val_dice for update in completed.updates.values()]))
+
+
 class RunDir:
     """A server run directory (create a new one, or open one to resume)."""
 
@@ -163,10 +180,10 @@ class RunDir:
         _save_tensors(folder / "global.safetensors", completed.result.weights)
         if server_optimizer is not None:
             _save_tensors(folder / "server_optimizer.safetensors", server_optimizer)
-        dice = aggregated_dice(completed)
-        _round_record(completed, dice).write(folder / "round.json")
+        dice, score = aggregated_dice(completed), round_score(completed)
+        _round_record(completed, dice, score).write(folder / "round.json")
         state = self.read_state()
-        best_round, best_dice = (completed.round, dice) if dice > state.best_dice else (state.best_round, state.best_dice)
+        best_round, best_dice = (completed.round, score) if score > state.best_dice else (state.best_round, state.best_dice)
         RunState(completed_rounds=completed.round + 1, best_round=best_round, best_dice=best_dice).write(self.root / STATE)
         return folder
 
@@ -175,12 +192,12 @@ class RunDir:
         return RoundRecord.read(self.round_folder(number) / "round.json").aggregated_val_dice
 
     def best_score(self) -> tuple[int, float] | None:
-        """(round, aggregated validation Dice) of the best committed round, or None before any."""
+        """(round, score) of the best committed round (score: its median site validation Dice), or None before any."""
         state = self.read_state()
         return (state.best_round, state.best_dice) if state.has_best else None
 
     def best(self) -> tuple[int, float, dict[str, np.ndarray]] | None:
-        """(round, aggregated validation Dice, weights) of the best committed round, or None."""
+        """(round, score, weights) of the best committed round (as :meth:`best_score`), or None."""
         state = self.read_state()
         if not state.has_best:
             return None
@@ -237,10 +254,11 @@ class RunDir:
         return ResumePoint(state.completed_rounds, weights, optimizer, state.best_round, state.best_dice)
 
 
-def _round_record(completed: RoundCompleted, dice: float) -> RoundRecord:
+def _round_record(completed: RoundCompleted, dice: float, score: float) -> RoundRecord:
     return RoundRecord(
         round=completed.round,
         aggregated_val_dice=dice,
+        median_val_dice=score,
         site_weights=completed.result.site_weights,
         raw_weights=completed.result.raw_weights,
         arrival_order=list(completed.result.sites),
@@ -249,5 +267,8 @@ def _round_record(completed: RoundCompleted, dice: float) -> RoundRecord:
             for site, u in completed.updates.items()
         },
         left_out=completed.left_out,
+        refused=dict(completed.refused),
+        late_updates=list(completed.late),
+        update_norms=dict(completed.result.update_norms),
         notes=list(completed.result.notes),
     )

@@ -27,6 +27,7 @@ import torch
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.federation.config import StudyConfig, load_study_config
+from fedseg.federation.deploy.spool import SPOOL, DiskStore
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.protocol.rounds import RoundsConfig
 from fedseg.federation.strategies import Aggregator, Weights
@@ -124,7 +125,8 @@ class ServerRun:
         federation, train = self.study.federation, self.study.train
         if train.threads is not None:
             torch.set_num_threads(train.threads)
-        aggregator = federation.make_aggregator()
+        # the round's updates wait on disk, not in memory (scratch, emptied every round)
+        aggregator = federation.make_aggregator(DiskStore(self.root / SPOOL))
         run, weights, first_round = self.starting_point(aggregator)
         n_sites = len(self.sites)
         rounds = RoundsConfig(

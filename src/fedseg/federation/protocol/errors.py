@@ -11,9 +11,10 @@ Exceptions, each mapped to one :class:`ErrorCode` by :func:`error_code`::
     strategies.UpdateRejected  an UPDATE failed validate_update          -> REJECTED_UPDATE
     anything else              a bug or local failure                    -> INTERNAL (no detail)
 
-Two codes have no exception: SETTINGS_MISMATCH (a site refuses the server's
-study settings) and STUDY_FAILED (the server lost its quorum); their bodies
-come from :func:`error_body` too.
+Three codes have no exception: SETTINGS_MISMATCH (a site refuses the server's
+study settings), STUDY_FAILED (the server lost its quorum) and TRAINING_FAILED
+(a site could not train one round, e.g. a NaN loss: it stays in the study);
+their bodies come from :func:`error_body` too.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class ErrorCode(IntEnum):
     TOO_BIG = 4413
     STUDY_FAILED = 4409  # quorum lost; the reason gives counts, never other sites' names
     REJECTED_UPDATE = 4422
+    TRAINING_FAILED = 4424  # a site's round failed locally (NaN...); not fatal, it stays in the study
     INTERNAL = 4500  # carries no detail: details may be sensitive
     VERSION_MISMATCH = 4505
 

@@ -18,8 +18,15 @@ Rules (the [federation] issue, item 6):
 * a round completes when every asked site has answered or been left out; it
   aggregates if at least ``min_sites`` updates were accepted, otherwise the
   study fails with a message naming every missing site and why;
-* an update the aggregator rejects (wrong tensors, NaN, Dice outside [0, 1]…)
-  counts as that site failing and never reaches the global model;
+* an update the aggregator rejects (wrong tensors, NaN, Dice outside [0, 1]…),
+  or that the round's screening refuses when the round closes (too large next
+  to the others' changes), is told to its site and never reaches the global
+  model; the site stays in the study and is asked again next round;
+* an update that names another round than the open one (stale, replayed),
+  a second update of the round, or one from a site that was not asked or was
+  already left out is refused and counted, never aggregated;
+* a site whose own training failed (NaN loss…) reports it; it is left out of
+  that round only;
 * after the last round comes the final step (item 8), started by the same
   rule as a round: every connected site receives the final and the best
   models (:class:`SendFinal`) and, when ``evaluate`` is on, tests the final
@@ -93,6 +100,8 @@ class RoundCompleted:
     result: RoundResult
     updates: dict[str, Update]
     left_out: dict[str, str]
+    refused: dict[str, str] = field(default_factory=dict)  # site -> why its update was not aggregated
+    late: list[str] = field(default_factory=list)  # "site: reason" for each stale/duplicate/unasked update refused
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class _OpenRound:
     updates: dict[str, Update] = field(default_factory=dict)
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    late: list[str] = field(default_factory=list)
 
     @property
     def pending(self) -> set[str]:
@@ -205,20 +216,35 @@ class ServerRounds:
         self.connected.discard(site)
         return self._leave_out(site, reason)
 
-    def update_received(self, site: str, update: Update) -> list[Action]:
-        """An update for the open round; rejected updates leave the site out."""
+    def update_received(self, site: str, update: Update, round_number: int) -> list[Action]:
+        """``site``'s update for round ``round_number`` (what its UPDATE says); rejected updates leave the site out.
+
+        An update for any other round than the open one, a second one, or one the
+        site was not asked for is refused (the site is told) and never aggregated.
+        """
         current = self._round
-        if current is None or current.final or site not in current.pending:
-            return []  # late or unsolicited: ignored, never aggregated
+        unexpected = self._unexpected(site, round_number)
+        if unexpected is not None:
+            if current is not None and not current.final:
+                current.late.append(f"{site}: {unexpected}")
+            return [UpdateRefused(site, round_number, unexpected)]
+        assert current is not None
         try:
             self.aggregator.add(update)
         except UpdateRejected as exc:
             # the site is told (else it would only learn from the server's log) and asked again next round
-            return [UpdateRefused(site, current.number, exc.reason), *self._leave_out(site, f"update rejected: {exc.reason}")]
+            return [UpdateRefused(site, current.number, exc.reason), *self._refuse(site, exc.reason)]
         # the weights are folded into the aggregator's running sum: keep only the scalars, so the
         # server's memory does not grow with the number of sites
         current.updates[site] = dataclasses.replace(update, weights={})
         return self._maybe_complete()
+
+    def round_failed(self, site: str, round_number: int, reason: str) -> list[Action]:
+        """``site`` could not train round ``round_number`` (e.g. a NaN loss); it stays in the study."""
+        current = self._round
+        if current is None or current.final or current.number != round_number:
+            return []
+        return self._leave_out(site, f"training failed at the site: {reason}")
 
     def result_received(self, site: str, case_dice: dict[str, float]) -> list[Action]:
         """Per-case test Dice of the final model from ``site``."""
@@ -238,6 +264,27 @@ class ServerRounds:
         return self._maybe_complete()
 
     # ---------------------------------------------------------------- internals
+
+    def _unexpected(self, site: str, round_number: int) -> str | None:
+        """Why an update for ``round_number`` from ``site`` is not one the open round waits for, or None."""
+        current = self._round
+        if current is None or current.final:
+            return f"update for round {round_number} while no training round is open"
+        if round_number != current.number:
+            return f"update for round {round_number}, but the open round is {current.number}"
+        if site in current.updates or site in current.refused:
+            return f"a second update for round {round_number}"
+        if site not in current.asked:
+            return f"this site was not asked to train round {round_number} (it joined after the round started)"
+        if site in current.left_out:
+            return f"it arrived after the site was left out of round {round_number} ({current.left_out[site]})"
+        return None
+
+    def _refuse(self, site: str, reason: str) -> list[Action]:
+        current = self._round
+        assert current is not None
+        current.refused[site] = reason
+        return self._leave_out(site, f"update refused: {reason}")
 
     def _leave_out(self, site: str, reason: str) -> list[Action]:
         current = self._round
@@ -272,15 +319,29 @@ class ServerRounds:
             self.phase = Phase.DONE
             return [EvaluationCompleted(dict(current.results), dict(current.left_out)), StudyDone(self.config.rounds)]
         if len(current.updates) < self.config.min_sites:
-            self.phase = Phase.FAILED
-            missing = "; ".join(f"{site}: {why}" for site, why in sorted(current.left_out.items()))
-            counts = f"round {current.number}: {len(current.updates)} update(s) accepted, min_sites is {self.config.min_sites}"
-            return [StudyFailed(f"{counts} ({missing or 'no site answered'})", f"{counts}; the study stopped")]
+            return self._fail_round(current)
         result = self.aggregator.finish()
+        refusals: list[Action] = []
+        for site, reason in result.refused.items():  # refused by the round's screening
+            refusals.append(UpdateRefused(site, current.number, reason))
+            current.updates.pop(site, None)
+            current.refused[site] = reason
+            current.left_out[site] = f"update refused: {reason}"
+        if len(current.updates) < self.config.min_sites:
+            return [*refusals, *self._fail_round(current)]
         self.global_weights = result.weights
-        actions: list[Action] = [RoundCompleted(current.number, result, dict(current.updates), dict(current.left_out))]
+        completed = RoundCompleted(
+            current.number, result, dict(current.updates), dict(current.left_out), dict(current.refused), list(current.late)
+        )
+        actions: list[Action] = [*refusals, completed]
         self.next_round = current.number + 1
         self.phase = Phase.WAITING
         if len(self.connected) >= self.config.min_sites:
             actions.extend(self._start_round())
         return actions
+
+    def _fail_round(self, current: _OpenRound) -> list[Action]:
+        self.phase = Phase.FAILED
+        missing = "; ".join(f"{site}: {why}" for site, why in sorted(current.left_out.items()))
+        counts = f"round {current.number}: {len(current.updates)} update(s) accepted, min_sites is {self.config.min_sites}"
+        return [StudyFailed(f"{counts} ({missing or 'no site answered'})", f"{counts}; the study stopped")]

@@ -22,6 +22,8 @@ built once by the ``*_frames`` functions and handed to every connection.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -53,9 +55,10 @@ from fedseg.federation.strategies import Update
 
 __all__ = [
     "ConnectionDropped", "Done", "EvaluateRequested", "Ignored", "Joined", "ModelReceived", "Refused",
-    "ResultReceived", "ServerError", "ServerSession", "ServerState", "SiteLeft", "SiteSession", "SiteState",
-    "TrainRequested", "UpdateReceived", "UpdateRefused", "Welcomed", "audit_record", "done_frames",
-    "error_frames", "evaluate_frames", "model_frames", "negotiate", "pseudonymise", "train_frames",
+    "ResultReceived", "ServerError", "ServerSession", "ServerState", "SiteLeft", "SiteLimits", "SiteSession",
+    "SiteState", "TrainRequested", "TrainingFailed", "UpdateReceived", "UpdateRefused", "Welcomed", "audit_record",
+    "done_frames", "error_frames", "evaluate_frames", "local_problem", "model_frames", "negotiate", "pseudonymise",
+    "train_frames",
 ]
 
 NORMAL_CLOSURE = 1000  # WebSocket's "normal closure": the session ended without a protocol error
@@ -118,9 +121,18 @@ class Refused:
 
 @dataclass(frozen=True)
 class UpdateReceived:
-    """The site's UPDATE, not yet validated against the global model (the aggregator does that)."""
+    """The site's UPDATE for ``round``, not yet validated against the global model (the aggregator does that)."""
 
     update: Update
+    round: int
+
+
+@dataclass(frozen=True)
+class TrainingFailed:
+    """The site could not train ``round`` (e.g. a NaN loss); it stays connected and in the study."""
+
+    round: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,7 @@ class SiteLeft:
     reason: str
 
 
-ServerEvent = Joined | Refused | UpdateReceived | ResultReceived | SiteLeft | Ignored
+ServerEvent = Joined | Refused | UpdateReceived | TrainingFailed | ResultReceived | SiteLeft | Ignored
 
 
 class ServerSession:
@@ -218,9 +230,13 @@ class ServerSession:
         if message.type is MessageType.UPDATE:
             if message.site != self.site:
                 return self._leave(f"UPDATE signed as {message.site!r}")
-            return [UpdateReceived(_update_from(self.site, message))]
+            return [UpdateReceived(_update_from(self.site, message), int(message.round))]
         if message.type is MessageType.RESULT:
             return [ResultReceived({case: float(dice) for case, dice in message.body["case_dice"].items()})]
+        if message.type is MessageType.ERROR and message.body["code"] == ErrorCode.TRAINING_FAILED:
+            if message.round is None:
+                return self._broken(BadMessage("a TRAINING_FAILED error must name its round"))
+            return [TrainingFailed(int(message.round), message.body["reason"] or "no reason given")]
         if message.type is MessageType.ERROR:
             reason = message.body["reason"] or ErrorCode(message.body["code"]).name
             return self._leave(f"site reported an error: {reason}")
@@ -357,6 +373,13 @@ class ServerError:
 
 
 @dataclass(frozen=True)
+class EvaluationRepeated:
+    """The server asked again to evaluate the same model with the same weights: the first RESULT was sent again."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class ConnectionDropped:
     """The connection closed before DONE for a reason worth reconnecting over."""
 
@@ -364,8 +387,49 @@ class ConnectionDropped:
 
 
 SiteEvent = (
-    Welcomed | TrainRequested | ModelReceived | EvaluateRequested | UpdateRefused | Done | ServerError | Ignored
+    Welcomed | TrainRequested | ModelReceived | EvaluateRequested | EvaluationRepeated | UpdateRefused | Done
+    | ServerError | Ignored
 )
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What this site agrees to do, from its own study.toml: a server asking for more is refused.
+
+    Attributes:
+        epochs_per_round: most local epochs one TRAIN may ask for.
+        rounds: the study's number of rounds; a TRAIN for round >= this is refused.
+    """
+
+    epochs_per_round: int | None = None
+    rounds: int | None = None
+
+
+def local_problem(update: LocalUpdate) -> str | None:
+    """Why this site's own update must not leave (its training diverged...), or None when it may."""
+    dice = update.val_dice
+    if not (isinstance(dice, int | float) and math.isfinite(dice) and 0.0 <= dice <= 1.0):
+        return f"validation Dice is {dice!r}, not a number in [0, 1] (no validation case, or training diverged)"
+    if update.num_samples < 1:
+        return f"num_samples is {update.num_samples}"
+    bad = [
+        name
+        for name, array in update.weights.items()
+        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
+    ]
+    if bad:
+        return f"non-finite weights (NaN or inf) in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: training diverged"
+    return None
+
+
+def weights_digest(weights: Weights) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def pseudonymise(case_dice: dict[str, float]) -> dict[str, float]:
@@ -373,19 +437,28 @@ def pseudonymise(case_dice: dict[str, float]) -> dict[str, float]:
     return {f"case-{i:03d}": dice for i, dice in enumerate(case_dice.values(), start=1)}
 
 
-def audit_record(message: Message, bytes_sent: int, server: str) -> dict[str, Any]:
-    """One audit line (the shell adds the time): everything an UPDATE or RESULT carried off the site but tensor values."""
+def audit_record(message: Message, frames: Sequence[bytes], server: str) -> dict[str, Any]:
+    """One audit line (the shell adds the time): everything a message carries off the site but tensor values.
+
+    ``sha256`` is over the exact bytes sent (every frame, in order), so a copy
+    captured in transit can be matched to this line.
+    """
     scalars = {key: value for key, value in message.body.items() if key != "metrics"}
     scalars.update(message.body.get("metrics", {}))
+    digest = hashlib.sha256()
+    for frame in frames:
+        digest.update(frame)
     return {
         "server": server,
         "round": message.round,
         "site": message.site,
         "message": message.type.value,
-        "bytes_sent": bytes_sent,
+        "bytes_sent": sum(len(frame) for frame in frames),
+        "sha256": digest.hexdigest(),
         "tensors": sorted(message.tensors),
         "scalars": scalars,
     }
+    return record
 
 
 def _server_error(message: Message) -> str:
@@ -408,11 +481,22 @@ class SiteSession:
     :meth:`data_to_send` after each call. The models received at the end are
     kept here (:attr:`models`), so an EVALUATE may name one after a reconnection.
 
+    Every message queued is also audited: :meth:`audit_to_write` returns one
+    record per message (with the SHA-256 of its frames), to be written before
+    the frames are sent.
+
+    The site defends itself against its server: a TRAIN asking for more local
+    epochs or a later round than ``limits`` allow ends the session; each model
+    is evaluated once per study — asked again with the same weights (a
+    reconnection during the final step) the first RESULT is sent again, asked
+    with other weights (an oracle on this site's test labels) the session ends.
+
     Args:
         site: this site's name (its certificate identity).
         settings: this site's study settings; a WELCOME with others ends the session.
         share_case_names: send case names with the test Dice instead of ``case-001``….
         server: how the audit log names the server (its URL).
+        limits: what this site agrees to train (from its own study.toml).
     """
 
     def __init__(
@@ -422,6 +506,7 @@ class SiteSession:
         settings: dict[str, Any] | None = None,
         share_case_names: bool = False,
         server: str = "",
+        limits: SiteLimits | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
@@ -429,19 +514,23 @@ class SiteSession:
         self.settings = settings
         self.share_case_names = share_case_names
         self.server = server
+        self.limits = limits or SiteLimits()
         self.state = SiteState.IDLE
         self.models: dict[str, Weights] = {}
         self.joined = 0  # WELCOMEs received: a connection that got one was not a failed attempt
         self._limits = (max_message, max_frame)
         self._reassembler = Reassembler(max_message, max_frame=max_frame)
         self._outgoing: list[bytes] = []
+        self._audit: list[dict[str, Any]] = []
+        self._evaluated: dict[str, tuple[str, Message | None]] = {}  # model -> (weights digest, the RESULT sent)
 
     # ---------------------------------------------------------------- connection
 
     def connect(self) -> None:
         """A new connection is open: forget any half-received message and queue the HELLO."""
         self._reassembler = Reassembler(self._limits[0], max_frame=self._limits[1])
-        self._outgoing = to_frames(Message(MessageType.HELLO, site=self.site, body={"versions": [PROTOCOL_VERSION]}))
+        self._outgoing = []
+        self._queue(Message(MessageType.HELLO, site=self.site, body={"versions": [PROTOCOL_VERSION]}))
         self.state = SiteState.HELLO_SENT
 
     def closed(self, code: int | None, reason: str | None) -> ServerError | ConnectionDropped:
@@ -457,6 +546,11 @@ class SiteSession:
         frames, self._outgoing = self._outgoing, []
         return frames
 
+    def audit_to_write(self) -> list[dict[str, Any]]:
+        """One audit record per message queued since the last call (write them before sending the frames)."""
+        records, self._audit = self._audit, []
+        return records
+
     # ---------------------------------------------------------------- incoming
 
     def receive(self, frame: Frame) -> list[SiteEvent]:
@@ -467,7 +561,7 @@ class SiteSession:
             message = self._reassembler.feed(_binary(frame))
             return [] if message is None else self._message(message)
         except ProtocolError as exc:
-            self._outgoing += to_frames(Message(MessageType.ERROR, body=error_body(exc)))
+            self._queue(Message(MessageType.ERROR, body=error_body(exc)))
             return self._fail(f"the server broke the protocol: {exc}")
 
     def _message(self, message: Message) -> list[SiteEvent]:
@@ -484,9 +578,7 @@ class SiteSession:
         if self.state is not SiteState.JOINED:
             raise BadMessage(f"the server sent {kind.name} before WELCOME")
         if kind is MessageType.TRAIN:
-            if "iterations" in message.body:
-                raise BadMessage("this client trains whole local epochs per round, not iterations")
-            return [TrainRequested(message.round, dict(message.tensors), int(message.body.get("epochs", 1)))]
+            return [self._train(message)]
         if kind is MessageType.MODEL:
             return [self._model(message)]
         if kind is MessageType.EVALUATE:
@@ -503,7 +595,7 @@ class SiteSession:
         if differences:
             shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
             reason = f"this site's study settings differ from the server's: {shown}"
-            self._outgoing += error_frames(ErrorCode.SETTINGS_MISMATCH, reason)
+            self._queue(Message(MessageType.ERROR, body=error_body(ErrorCode.SETTINGS_MISMATCH, reason)))
             return self._fail(f"{reason}. Use the study's study.toml and --fold")
         self.state = SiteState.JOINED
         self.joined += 1
@@ -514,11 +606,33 @@ class SiteSession:
         self.models[name] = weights = _copy(message.tensors)
         return ModelReceived(name, message.round, weights, message.body.get("val_dice"))
 
-    def _evaluate(self, message: Message) -> EvaluateRequested:
+    def _train(self, message: Message) -> TrainRequested:
+        if "iterations" in message.body:
+            raise BadMessage("this client trains whole local epochs per round, not iterations")
+        epochs, limits = int(message.body.get("epochs", 1)), self.limits
+        if limits.epochs_per_round is not None and epochs > limits.epochs_per_round:
+            raise BadMessage(f"TRAIN asks for {epochs} local epochs; this site's study.toml allows {limits.epochs_per_round}")
+        if limits.rounds is not None and message.round >= limits.rounds:
+            raise BadMessage(f"TRAIN for round {message.round}; this site's study.toml has {limits.rounds} rounds")
+        return TrainRequested(message.round, dict(message.tensors), epochs)
+
+    def _evaluate(self, message: Message) -> EvaluateRequested | EvaluationRepeated:
         name = message.body["model"]
         weights = _copy(message.tensors) if message.tensors else self.models.get(name)
         if weights is None:
             raise BadMessage(f"EVALUATE names the {name} model, which the server never sent")
+        digest = weights_digest(weights)
+        if name in self._evaluated:
+            first_digest, result = self._evaluated[name]
+            if digest != first_digest:
+                raise BadMessage(
+                    f"EVALUATE of the {name} model again, with other weights: each model is evaluated once per "
+                    "study (repeated evaluations would reveal this site's test labels)"
+                )
+            if result is not None:
+                self._queue(result)
+                return EvaluationRepeated(name)
+        self._evaluated[name] = (digest, None)  # the RESULT comes with send_result
         return EvaluateRequested(message.round, name, weights)
 
     def _fail(self, reason: str) -> list[SiteEvent]:
@@ -542,16 +656,25 @@ class SiteSession:
             message = Message(MessageType.UPDATE, round=round_, site=self.site, body=body, tensors=update.weights)
         except BadMessage as exc:
             raise FedsegError(f"round {round_}: this site's update cannot be sent: {exc}") from exc
-        return self._audited(message)
+        return self._queue(message)
+
+    def send_training_failed(self, round_: int, reason: str) -> dict[str, Any]:
+        """Tell the server this site could not train ``round_`` (it stays in the study); returns the audit record."""
+        return self._queue(Message(MessageType.ERROR, round=round_, body=error_body(ErrorCode.TRAINING_FAILED, reason)))
 
     def send_result(self, round_: int | None, model: str, case_dice: dict[str, float] | None) -> dict[str, Any]:
         """Queue the RESULT (per-case Dice only, pseudonymised unless ``share_case_names``); returns its audit record."""
         scores = dict(case_dice or {})
         shared = scores if self.share_case_names else pseudonymise(scores)
         message = Message(MessageType.RESULT, round=round_, site=self.site, body={"model": model, "case_dice": shared})
-        return self._audited(message)
+        if model in self._evaluated:
+            self._evaluated[model] = (self._evaluated[model][0], message)
+        return self._queue(message)
 
-    def _audited(self, message: Message) -> dict[str, Any]:
+    def _queue(self, message: Message) -> dict[str, Any]:
+        """Queue ``message``'s frames and its audit record; returns the record."""
         frames = to_frames(message)
         self._outgoing += frames
-        return audit_record(message, sum(len(frame) for frame in frames), self.server)
+        record = audit_record(message, frames, self.server)
+        self._audit.append(record)
+        return record

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 
 from fedseg.errors import FedsegError
 from fedseg.federation.strategies.base import Aggregator
 from fedseg.federation.strategies.fedadam import AdamOptions, FedAdam
-from fedseg.federation.strategies.mean import WEIGHTINGS, WeightedMean, Weighting
+from fedseg.federation.strategies.mean import WEIGHTINGS, WeightedMean
+from fedseg.federation.strategies.robust import CoordinateMedian, TrimmedMean
+from fedseg.federation.strategies.screened import ScreenedAggregator
+from fedseg.federation.strategies.screening import Screening
+from fedseg.federation.strategies.store import UpdateStore
 
 __all__ = ["AGGREGATORS", "SERVER_OPTIMIZERS", "make_aggregator"]
 
-AGGREGATORS: Mapping[str, Weighting] = WEIGHTINGS
-"""``federation.aggregator`` names: each a weighting of :class:`WeightedMean`."""
+_Factory = Callable[[Screening | None, UpdateStore | None, float], ScreenedAggregator]
+
+
+def _weighted(name: str) -> _Factory:
+    return lambda screening, store, trim: WeightedMean(WEIGHTINGS[name], screening, store)
+
+
+AGGREGATORS: Mapping[str, _Factory] = {
+    **{name: _weighted(name) for name in WEIGHTINGS},
+    CoordinateMedian.name: lambda screening, store, trim: CoordinateMedian(screening, store),
+    TrimmedMean.name: lambda screening, store, trim: TrimmedMean(trim, screening, store),
+}
+"""``federation.aggregator`` names: the weightings of :class:`WeightedMean`, ``median`` and ``trimmed-mean``."""
 SERVER_OPTIMIZERS: Mapping[str, type[FedAdam]] = {FedAdam.name: FedAdam}
 """``federation.server_optimizer`` names: each composed over the aggregator."""
 
 
-def make_aggregator(name: str, server_optimizer: str | None = None, **options: float) -> Aggregator:
+def make_aggregator(
+    name: str,
+    server_optimizer: str | None = None,
+    *,
+    screening: Screening | None = None,
+    store: UpdateStore | None = None,
+    trim_fraction: float = 0.1,
+    **options: float,
+) -> Aggregator:
     """Build the aggregator a study config names, e.g. ``make_aggregator("dice-weighted", "fedadam", eta=0.1)``.
 
     ``options`` are the server optimiser's (see :class:`AdamOptions`); the
-    weighted means take none.
+    aggregators themselves take ``screening`` (default: on), ``store`` (default:
+    in memory) and, for ``trimmed-mean``, ``trim_fraction``.
 
     Raises:
         FedsegError: unknown aggregator, server optimiser or option (the message
@@ -30,7 +54,7 @@ def make_aggregator(name: str, server_optimizer: str | None = None, **options: f
     """
     if name not in AGGREGATORS:
         raise FedsegError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
-    aggregator = WeightedMean(AGGREGATORS[name])
+    aggregator = AGGREGATORS[name](screening, store, trim_fraction)
     if server_optimizer is None:
         if options:
             raise FedsegError(f"aggregator {name!r} takes no options (got {', '.join(options)})")

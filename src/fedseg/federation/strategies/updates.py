@@ -55,7 +55,10 @@ class RoundResult:
         site_weights: normalised aggregation weight per site (sums to 1).
         raw_weights: each site's weight before normalisation.
         sites: the sites that contributed, in order of arrival.
-        notes: human-readable remarks for the run log (e.g. a uniform fallback).
+        notes: human-readable remarks for the run log (e.g. a uniform fallback, a capped share).
+        refused: site -> reason, for updates the round's screening refused (e.g. too large);
+            they are in none of the other fields but ``update_norms``.
+        update_norms: each kept update's change from the global model (L2 norm), refused ones too.
     """
 
     weights: Weights
@@ -63,6 +66,8 @@ class RoundResult:
     raw_weights: dict[str, float]
     sites: list[str]
     notes: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    update_norms: dict[str, float] = field(default_factory=dict)
 
 
 def _listed(items: list[str]) -> str:

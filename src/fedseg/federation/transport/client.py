@@ -8,8 +8,13 @@ This module carries the events out with the site's
 :class:`~fedseg.federation.protocol.participant.Participant` — each call in a
 worker thread (:func:`asyncio.to_thread`), so the event loop keeps answering
 keepalive pings however long an epoch lasts — and writes the audit log: one
-JSON line per UPDATE or RESULT sent (bytes sent, tensor names and the scalar
-keys and values; nothing else leaves the site but the HELLO).
+JSON line per message sent (HELLO, UPDATE, RESULT, ERROR: bytes sent, SHA-256
+of the frames, tensor names and the scalar keys and values), written and
+fsynced *before* the frames go out.
+
+A round whose local training diverged (NaN loss, non-finite weights) is
+reported to the server as TRAINING_FAILED: the site stays in the study and
+is asked again next round.
 
 It needs no torch: :class:`fedseg.site.TorchParticipant` is where torch comes in.
 
@@ -36,13 +41,16 @@ from fedseg.federation.protocol.session import (
     Done,
     EvaluateRequested,
     Ignored,
+    EvaluationRepeated,
     ModelReceived,
     ServerError,
     SiteEvent,
+    SiteLimits,
     SiteSession,
     TrainRequested,
     UpdateRefused,
     Welcomed,
+    local_problem,
 )
 from fedseg.federation.transport.connection import (
     ClientTransport,
@@ -98,6 +106,8 @@ class _Pump:
             await asyncio.to_thread(self.participant.keep_model, event.name, event.round, event.weights, event.val_dice)
         elif isinstance(event, EvaluateRequested):
             await self._evaluate(connection, event)
+        elif isinstance(event, EvaluationRepeated):
+            log.info("the server asked again for the %s model's evaluation; sent the same result again", event.model)
         elif isinstance(event, UpdateRefused):
             log.warning("round %s: the server rejected this site's update and left the site out of the round: %s",
                         event.round, event.reason)
@@ -115,9 +125,14 @@ class _Pump:
         """Answer one TRAIN: local epochs in a worker thread, then the UPDATE and its audit line."""
         log.info("round %s: training %d local epoch(s)", event.round, event.epochs)
         update = await asyncio.to_thread(self.participant.train, event.weights, event.round, event.epochs)
+        problem = local_problem(update)
+        if problem is not None:
+            log.error("round %s: this site's training failed (%s); the server leaves it out of this round", event.round, problem)
+            self.session.send_training_failed(event.round, problem)
+            await self._flush(connection)
+            return
         record = self.session.send_update(event.round, update)
         await self._flush(connection)
-        self._audit(record)
         log.info("round %s: sent %d bytes (val Dice %.4f)", event.round, record["bytes_sent"], update.val_dice)
 
     async def _evaluate(self, connection: Connection, event: EvaluateRequested) -> None:
@@ -128,10 +143,12 @@ class _Pump:
             log.warning("no test evaluation configured; answering with no cases")
         record = self.session.send_result(event.round, event.model, case_dice)
         await self._flush(connection)
-        self._audit(record)
         log.info("sent per-case Dice of %d test case(s) (%d bytes)", len(case_dice or {}), record["bytes_sent"])
 
     async def _flush(self, connection: Connection) -> None:
+        """Write the audit records of what is queued, then send it."""
+        for record in self.session.audit_to_write():
+            self._audit(record)
         try:
             for frame in self.session.data_to_send():
                 await connection.send(frame)
@@ -157,6 +174,7 @@ async def join_study(
     settings: dict[str, Any] | None = None,
     backoff: Backoff | None = None,
     before_connecting: Callable[[], None] | None = None,
+    limits: SiteLimits | None = None,
 ) -> Weights:
     """Take part in the study over ``transport`` as ``site`` until the server says DONE; returns the final weights.
 
@@ -169,7 +187,9 @@ async def join_study(
         Others: as :func:`run_client`.
     """
     backoff = backoff or Backoff(10)
-    session = SiteSession(site, settings=settings, share_case_names=share_case_names, server=transport.server)
+    session = SiteSession(
+        site, settings=settings, share_case_names=share_case_names, server=transport.server, limits=limits
+    )
     pump = _Pump(session, participant, audit_log)
     while True:
         if before_connecting is not None:
@@ -199,6 +219,7 @@ async def run_client(
     settings: dict[str, Any] | None = None,
     retries: int = 10,
     retry_delay_s: float = FIRST_RETRY_DELAY_S,
+    limits: SiteLimits | None = None,
 ) -> Weights:
     """Take part in the study over mutual-TLS websockets until the server says DONE; returns the final global weights.
 
@@ -215,6 +236,7 @@ async def run_client(
             restarts whenever the server welcomes the site again.
         retry_delay_s: pause before the first reconnection; doubled after each
             further failure, up to MAX_RETRY_DELAY_S (a server restart takes a while).
+        limits: the most this site agrees to train (local epochs per TRAIN, rounds).
 
     Raises:
         FedsegError: TLS failure, refusal or error from the server, or the
@@ -223,7 +245,7 @@ async def run_client(
     transport = WebSocketClient(server_url or kit.server_url, client_context(kit))
     return await join_study(
         transport, participant, kit.name, audit_log=audit_log, share_case_names=share_case_names, settings=settings,
-        backoff=Backoff(retries, retry_delay_s, MAX_RETRY_DELAY_S),
+        backoff=Backoff(retries, retry_delay_s, MAX_RETRY_DELAY_S), limits=limits,
         # a study can outlive a certificate; say so rather than fail the handshake
         before_connecting=lambda: check_kit_dates(kit),
     )

@@ -19,6 +19,16 @@ trains which round and when the study goes on by
   Dice they return (RESULT) in ``evaluation.json``, then sends DONE — or
   ERROR with STUDY_FAILED and a reason that names no other site.
 
+Robustness (the [trust] issue): every joined connection has one send queue
+(:class:`_Outbox`), so two multi-frame messages never interleave and go out
+in the order the round machine decided; TRAIN and the final models are
+queued, not awaited, so the round deadline is armed when they are dispatched
+and one slow reader delays no one else; round
+commits run in a worker thread, off the event loop; and any failure while
+the round machine or its actions run (a full disk, a bug) stops the study
+with that error — the sites get STUDY_FAILED, :func:`serve_study` raises —
+instead of leaving it waiting forever.
+
 Logs go to the ``fedseg.server`` logger and name sites, rounds and reasons —
 never tensors or key material.
 """
@@ -62,6 +72,7 @@ from fedseg.federation.protocol.session import (
     ServerEvent,
     ServerSession,
     SiteLeft,
+    TrainingFailed,
     UpdateReceived,
     done_frames,
     error_frames,
@@ -129,6 +140,47 @@ async def _send(connection: Connection, frames: Iterable[bytes]) -> bool:
     return True
 
 
+class _Outbox:
+    """One connection's send queue: messages go out whole and in order, by one writer task."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._queue: asyncio.Queue[tuple[list[bytes], asyncio.Future[bool]]] = asyncio.Queue()
+        self._writer = asyncio.ensure_future(self._write())
+
+    def put(self, frames: Iterable[bytes]) -> asyncio.Future[bool]:
+        """Queue one message's frames; the future says whether they were sent (False: the connection is gone)."""
+        sent: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._writer.done():
+            sent.set_result(False)
+        else:
+            self._queue.put_nowait((list(frames), sent))
+        return sent
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                frames, sent = await self._queue.get()
+                ok = await _send(self.connection, frames)
+                if not sent.done():
+                    sent.set_result(ok)
+                if not ok:
+                    return
+        finally:
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        while not self._queue.empty():
+            _, sent = self._queue.get_nowait()
+            if not sent.done():
+                sent.set_result(False)
+
+    def close(self) -> None:
+        """Stop the writer; queued messages are dropped (their futures say False)."""
+        self._writer.cancel()
+        self._drop_pending()
+
+
 class _Study:
     """One running study: the round machine, the open connections and the timers."""
 
@@ -159,6 +211,61 @@ class _Study:
         self._train_frames: tuple[int, list[bytes]] | None = None
         self._final_frames: list[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outboxes: dict[int, _Outbox] = {}  # id(connection) -> its send queue
+        self._farewells: list[asyncio.Future[bool]] = []  # STUDY_FAILED messages after a crash
+
+    def _queue(self, connection: Connection, frames: Iterable[bytes]) -> asyncio.Future[bool]:
+        """Queue ``frames`` on a joined site's connection (never interleaved with another message to it)."""
+        outbox = self._outboxes.get(id(connection))
+        if outbox is None:
+            outbox = self._outboxes[id(connection)] = _Outbox(connection)
+        return outbox.put(frames)
+
+    def _close_outbox(self, connection: Connection) -> None:
+        outbox = self._outboxes.pop(id(connection), None)
+        if outbox is not None:
+            outbox.close()
+
+    async def say_farewells(self, timeout_s: float = 5.0) -> None:
+        """Give the STUDY_FAILED messages of a crash a moment to leave before the connections close."""
+        if self._farewells:
+            await asyncio.wait(self._farewells, timeout=timeout_s)
+
+    def close_outboxes(self) -> None:
+        for outbox in self._outboxes.values():
+            outbox.close()
+        self._outboxes.clear()
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        """Run ``coroutine`` in the background; if it fails, the study stops with its error."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._crash(task.exception())
+
+    def _crash(self, error: BaseException | None) -> None:
+        """A failure inside the server's own loop: stop the study with it (never hang)."""
+        if self.finished.done() or error is None:
+            return
+        log.error("the server stopped: %s", error, exc_info=error)
+        self.rounds.phase = Phase.FAILED
+        frames = error_frames(ErrorCode.STUDY_FAILED, "the server stopped on an internal error; see its log")
+        self._farewells = [self._queue(connection, frames) for connection in list(self.connections.values())]
+        detail = f"{type(error).__name__}: {error}" if not isinstance(error, FedsegError) else str(error)
+        self.finished.set_exception(FedsegError(f"the server stopped: {detail}"))
+
+    async def _step(self, event: Callable[..., list[Action]], *args: Any) -> None:
+        """Feed one event to the round machine and carry out its actions; a failure stops the study."""
+        if self.finished.done():
+            return
+        try:
+            await self._carry_out(event(*args))
+        except Exception as exc:  # noqa: BLE001 - anything here would otherwise leave the study hanging
+            self._crash(exc)
 
     # ---------------------------------------------------------------- connections
 
@@ -207,20 +314,22 @@ class _Study:
         if previous is not None:
             log.warning("site %s reconnected; dropping its previous connection", site)
             self.connections.pop(site)
-            await self._carry_out(self.rounds.site_failed(site, "reconnected"))
+            self._close_outbox(previous)
+            await self._step(self.rounds.site_failed, site, "reconnected")
             await previous.close(1000, "replaced by a new connection")
         self.connections[site] = connection
         log.info("site %s joined from %s", site, connection.remote_address)
-        await _send(connection, session.data_to_send())  # the WELCOME
-        await self._carry_out(self.rounds.site_connected(site))
+        await self._queue(connection, session.data_to_send())  # the WELCOME
+        await self._step(self.rounds.site_connected, site)
 
     async def _leave(self, site: str, connection: Connection, reason: str) -> None:
         if self.connections.get(site) is not connection:
             return  # replaced by a newer connection, already reported
         del self.connections[site]
+        self._close_outbox(connection)
         if not self.finished.done():
             log.warning("site %s left: %s", site, reason)
-        await self._carry_out(self.rounds.site_failed(site, reason))
+        await self._step(self.rounds.site_failed, site, reason)
 
     async def _serve_site(self, site: str, connection: Connection, session: ServerSession) -> str:
         """Read the site's messages until the session ends; returns why it stopped."""
@@ -229,7 +338,7 @@ class _Study:
             # alive while waiting for the next frame
             stop = await self._on_frame(site, session, await connection.recv())
             if stop is not None:
-                await _send(connection, session.data_to_send())
+                await self._queue(connection, session.data_to_send())
                 await connection.close(session.close_code or 1000, session.close_reason)
                 return stop
 
@@ -242,10 +351,13 @@ class _Study:
 
     async def _on_event(self, site: str, event: ServerEvent) -> str | None:
         if isinstance(event, UpdateReceived):
-            await self._carry_out(self.rounds.update_received(site, event.update))
+            await self._step(self.rounds.update_received, site, event.update, event.round)
+        elif isinstance(event, TrainingFailed):
+            log.warning("site %s: its training of round %d failed: %s", site, event.round, event.reason)
+            await self._step(self.rounds.round_failed, site, event.round, event.reason)
         elif isinstance(event, ResultReceived):
             log.info("site %s: final model evaluated on %d test case(s)", site, len(event.case_dice))
-            await self._carry_out(self.rounds.result_received(site, event.case_dice))
+            await self._step(self.rounds.result_received, site, event.case_dice)
         elif isinstance(event, SiteLeft):
             return event.reason
         elif isinstance(event, Ignored):
@@ -257,52 +369,49 @@ class _Study:
     async def _carry_out(self, actions: list[Action]) -> None:
         """Execute the round machine's actions in order, then re-arm the timers.
 
-        Consecutive sends (TRAIN or the final models, one site each) go out
-        concurrently: every site starts downloading at once, not in turn.
+        Messages to sites (TRAIN, the final models, refusals) are queued on each
+        connection's outbox, not awaited: every site starts downloading at
+        once, and the round deadline does not wait for the slowest reader.
+        Commits are awaited (in a worker thread) before anything after them
+        is queued.
         """
-        sends: list[Awaitable[None]] = []
         for action in actions:
             if self.on_event is not None:
                 self.on_event(action)
             if isinstance(action, SendTrain):
-                sends.append(self._send_train(action))
-                continue
-            if isinstance(action, SendFinal):
-                sends.append(self._send_final(action))
-                continue
-            if sends:
-                await asyncio.gather(*sends)
-                sends = []
-            await self._act(action)
-        if sends:
-            await asyncio.gather(*sends)
+                self._send_train(action)
+            elif isinstance(action, SendFinal):
+                self._send_final(action)
+            else:
+                await self._act(action)
         self._arm_timers()
 
     async def _act(self, action: Action) -> None:
         if isinstance(action, UpdateRefused):
-            await self._tell_refused(action)
+            self._tell_refused(action)
         elif isinstance(action, RoundCompleted):
-            self._commit(action)
+            await self._commit(action)
         elif isinstance(action, EvaluationCompleted):
-            self._record_evaluation(action)
+            await asyncio.to_thread(self._record_evaluation, action)
         elif isinstance(action, StudyDone):
             await self._finish_done(action)
         elif isinstance(action, StudyFailed):
             await self._finish_failed(action)
 
-    async def _send_train(self, action: SendTrain) -> None:
+    def _send_train(self, action: SendTrain) -> None:
         connection = self.connections.get(action.site)
         if connection is None:
             return
         if self._train_frames is None or self._train_frames[0] != action.round:  # built once per round
             self._train_frames = (action.round, train_frames(action.round, self.rounds.global_weights, self.local_epochs))
-        await _send(connection, self._train_frames[1])
+        self._queue(connection, self._train_frames[1])
 
-    async def _tell_refused(self, refused: UpdateRefused) -> None:
+    def _tell_refused(self, refused: UpdateRefused) -> None:
         """The site learns why its update was left out (the round's log line says it for the server)."""
+        log.warning("round %s: refused the update of %s: %s", refused.round, refused.site, refused.reason)
         connection = self.connections.get(refused.site)
         if connection is not None:
-            await _send(connection, error_frames(ErrorCode.REJECTED_UPDATE, refused.reason, refused.round))
+            self._queue(connection, error_frames(ErrorCode.REJECTED_UPDATE, refused.reason, refused.round))
 
     def _final_messages(self, evaluate: bool) -> list[bytes]:
         """MODEL final, MODEL best, then EVALUATE naming the final model (built once, sent to each site)."""
@@ -319,11 +428,11 @@ class _Study:
             self._final_frames = frames
         return self._final_frames
 
-    async def _send_final(self, action: SendFinal) -> None:
+    def _send_final(self, action: SendFinal) -> None:
         connection = self.connections.get(action.site)
         if connection is not None:
             log.info("sending the final and best models to %s%s", action.site, " for evaluation" if action.evaluate else "")
-            await _send(connection, self._final_messages(action.evaluate))
+            self._queue(connection, self._final_messages(action.evaluate))
 
     def _record_evaluation(self, completed: EvaluationCompleted) -> None:
         path = self.run_dir.save_evaluation(completed)
@@ -331,8 +440,13 @@ class _Study:
             log.warning("final evaluation: site %s has no result: %s", site, why)
         log.info("final evaluation: %d site(s) answered; per-case Dice in %s", len(completed.case_dice), path)
 
-    def _commit(self, completed: RoundCompleted) -> None:
-        self.run_dir.save_round(completed, self.rounds.aggregator.state_dict() or None)
+    async def _commit(self, completed: RoundCompleted) -> None:
+        """Persist the round in a worker thread (a model of 150 MB takes a while to write and fsync)."""
+        optimizer_state = self.rounds.aggregator.state_dict() or None
+        try:
+            await asyncio.to_thread(self.run_dir.save_round, completed, optimizer_state)
+        except OSError as exc:
+            raise FedsegError(f"could not save round {completed.round}: {exc}") from exc
         for site, why in sorted(completed.left_out.items()):
             log.warning("round %d: site %s left out: %s", completed.round, site, why)
         log.info(
@@ -343,10 +457,10 @@ class _Study:
         )
 
     async def _finish_done(self, done: StudyDone) -> None:
-        self.run_dir.finish(self.rounds.global_weights)
+        await asyncio.to_thread(self.run_dir.finish, self.rounds.global_weights)
         best_round, best_dice = self.run_dir.best_score() or (-1, None)
         frames = done_frames(done.rounds, best_round, best_dice)
-        await asyncio.gather(*(_send(connection, frames) for connection in list(self.connections.values())))
+        await asyncio.gather(*(self._queue(connection, frames) for connection in list(self.connections.values())))
         log.info("study done after %d rounds", done.rounds)
         if not self.finished.done():
             self.finished.set_result(self.rounds.global_weights)
@@ -355,7 +469,7 @@ class _Study:
         log.error("study failed: %s", failed.reason)
         # the sites get counts only: the full reason names other sites, which a site need not learn
         frames = error_frames(ErrorCode.STUDY_FAILED, failed.public_reason)
-        await asyncio.gather(*(_send(connection, frames) for connection in list(self.connections.values())))
+        await asyncio.gather(*(self._queue(connection, frames) for connection in list(self.connections.values())))
         if not self.finished.done():
             self.finished.set_exception(FedsegError(failed.reason))
 
@@ -379,9 +493,7 @@ class _Study:
 
     def _fire(self, handler: Callable[..., list[Action]], *args: Any) -> None:
         """Timer callback: run the round machine's event and carry out its actions in a task."""
-        task = asyncio.get_running_loop().create_task(self._carry_out(handler(*args)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._step(handler, *args))
 
     def _round_timeout(self, number: int) -> list[Action]:
         self._round_timer = None
@@ -440,9 +552,14 @@ async def serve_study(
     try:
         async with transport.serve(study.handle):
             log.info("waiting for sites %s", ", ".join(sorted(allowed)))
-            return await study.finished
+            try:
+                return await study.finished
+            except FedsegError:
+                await study.say_farewells()
+                raise
     finally:
         study.cancel_timers()
+        study.close_outboxes()
 
 
 def _log_tls_refusal(error: ssl.SSLError) -> None:

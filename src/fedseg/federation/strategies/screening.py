@@ -1,0 +1,143 @@
+"""What stops one site from taking over the global model: a bound on each update's size and a cap on each site's share.
+
+Both are decided when the round closes, from statistics one site cannot move
+alone:
+
+* **Norm bound.** An update's size is the L2 norm of its change from the
+  round's global model (float tensors). With three or more updates, an update
+  more than ``max_norm_ratio`` times the round's *lower median* change is
+  refused: a scaled (x1000) or exploded update stands out however the others
+  trained, and a liar cannot raise the median on its own. With one or two
+  updates no median is trustworthy: the previous round's reference is used if
+  there is one, else no bound applies (the result's notes say so); nor does
+  one when most updates did not change the model at all (median change 0).
+* **Share cap.** With three or more accepted updates no site's normalised
+  weight exceeds ``max_site_share`` (default 1/2); the excess goes to the
+  others in proportion to their weights (water-filling). A site claiming Dice
+  1.0 or 2^63 samples gets at most that share.
+
+Both are on by default; ``Screening(None, None)`` turns them off.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedseg.errors import FedsegError
+from fedseg.federation.strategies.arrays import is_float
+
+__all__ = ["NO_SCREENING", "Screening", "cap_shares", "delta_norm", "lower_median"]
+
+MIN_FOR_MEDIAN = 3  # fewer updates than this: one liar is half the sample or more
+
+
+def delta_norm(global_weights: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``weights - global_weights`` over the float tensors, in float64 (inf if it overflows)."""
+    total = 0.0
+    for name, reference in global_weights.items():
+        if is_float(reference):
+            diff = weights[name].astype(np.float64) - reference.astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower median: an element of ``values``; with two values, the smaller one."""
+    return float(statistics.median_low(values))
+
+
+def cap_shares(shares: Mapping[str, float], cap: float) -> dict[str, float]:
+    """``shares`` (summing to 1) with none above ``cap``, the excess spread over the others in proportion.
+
+    Raises:
+        FedsegError: ``cap`` is below 1/len(shares) (no way to satisfy it).
+    """
+    if cap * len(shares) < 1 - 1e-12:
+        raise FedsegError(f"a share cap of {cap} cannot hold with {len(shares)} sites (needs >= 1/{len(shares)})")
+    capped: dict[str, float] = {}
+    free = dict(shares)
+    while True:
+        left = 1.0 - sum(capped.values())
+        total = math.fsum(free.values())
+        scaled = {site: (w / total * left if total > 0 else left / len(free)) for site, w in free.items()}
+        over = [site for site, w in scaled.items() if w > cap]
+        if not over:
+            return {site: capped.get(site, scaled.get(site, 0.0)) for site in shares}
+        for site in over:
+            capped[site] = cap
+            del free[site]
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The defaults of the round-closing checks (see the module docstring); None turns one off.
+
+    Attributes:
+        max_norm_ratio: refuse an update whose change exceeds this many times the round's lower-median change (>= 1; inf = off).
+        max_site_share: no site's normalised weight above this, with three or more accepted updates (in (0, 1]).
+    """
+
+    max_norm_ratio: float | None = 5.0
+    max_site_share: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        ratio, share = self.max_norm_ratio, self.max_site_share
+        if ratio is not None and not ratio >= 1:  # NaN fails too
+            raise FedsegError(f"max_norm_ratio must be a number >= 1 (inf: no bound), got {ratio}")
+        if ratio == math.inf:
+            object.__setattr__(self, "max_norm_ratio", None)
+        if share is not None and not (0 < share <= 1):
+            raise FedsegError(f"max_site_share must be in (0, 1], got {share}")
+
+    def norm_reference(self, norms: Mapping[str, float], previous: float | None) -> tuple[float | None, str | None]:
+        """The change the bound is relative to this round, and a note when it is not the round's own median."""
+        if self.max_norm_ratio is None:
+            return None, None
+        if len(norms) >= MIN_FOR_MEDIAN:
+            median = lower_median(list(norms.values()))
+            if median > 0:
+                return median, None
+            return None, "no norm bound this round: most updates did not change the model"
+        if previous is not None:
+            return previous, f"norm bound from the previous round's median change ({len(norms)} update(s) this round)"
+        return None, f"no norm bound this round: {len(norms)} update(s), a median needs {MIN_FOR_MEDIAN}"
+
+    def oversized(self, norms: Mapping[str, float], reference: float | None) -> dict[str, str]:
+        """Site -> refusal reason for every update bigger than the bound."""
+        if reference is None or self.max_norm_ratio is None:
+            return {}
+        bound = self.max_norm_ratio * reference
+        return {
+            site: (
+                f"update norm {norm:.4g} (change from the global model) exceeds {self.max_norm_ratio:g} x the round's "
+                f"median change {reference:.4g}"
+            )
+            for site, norm in norms.items()
+            if norm > bound
+        }
+
+    def capped(self, shares: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
+        """``shares`` under the cap, with a note naming the capped sites.
+
+        The cap holds among the sites with a positive share (a site that reports
+        Dice 0 keeps weight 0); with fewer than three of them it is at least
+        1/their number, so it can always be met.
+        """
+        cap = self.max_site_share
+        positive = {site: w for site, w in shares.items() if w > 0}
+        if cap is None or len(shares) < MIN_FOR_MEDIAN or not positive or max(positive.values()) <= cap:
+            return dict(shares), []
+        capped = cap_shares(positive, max(cap, 1.0 / len(positive)))
+        over = sorted(site for site, w in positive.items() if w > capped[site] + 1e-12)
+        if not over:
+            return dict(shares), []
+        return {site: capped.get(site, 0.0) for site in shares}, [f"share of {', '.join(over)} capped at {capped[over[0]]:.4g}"]
+
+
+NO_SCREENING = Screening(None, None)
+"""No norm bound and no share cap (the paper's plain weighted mean)."""
