@@ -82,3 +82,28 @@ def test_end_of_study_goes_to_the_outputs() -> None:
     alone = TorchParticipant(object())  # type: ignore[arg-type]
     alone.keep_model("final", 3, {"w": np.zeros(2)}, None)
     assert alone.evaluate({"w": np.zeros(2)}) is None
+
+
+def test_a_restarted_site_continues_from_the_saved_optimiser_state(tmp_path) -> None:
+    """Round 1 after a restart equals round 1 of an uninterrupted site: optimiser, schedule and epochs restored."""
+
+    def participant(state_dir=None) -> TorchParticipant:
+        trainer = LocalTrainer(build_model(CONFIG.network, seed=0), [cube_case(0)], [cube_case(10)], CONFIG)
+        return TorchParticipant(trainer, state_dir=state_dir)
+
+    start = global_model(seed=1)
+    uninterrupted = participant()
+    first = uninterrupted.train(start, 0, 1)
+    second = uninterrupted.train(first.weights, 1, 1)
+
+    before = participant(tmp_path / "state")
+    assert before.train(start, 0, 1).val_dice == pytest.approx(first.val_dice)
+    after = participant(tmp_path / "state")  # a new process: a fresh trainer, the saved state on disk
+    resumed = after.train(first.weights, 1, 1)
+    assert after.trainer.epoch == 2
+    for name, array in second.weights.items():
+        np.testing.assert_allclose(resumed.weights[name], array, rtol=1e-5, atol=1e-6)
+
+    fresh = participant(tmp_path / "state")  # the saved round is 1: a TRAIN of round 5 starts afresh
+    fresh.train(first.weights, 5, 1)
+    assert fresh.trainer.epoch == 1

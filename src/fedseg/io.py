@@ -7,21 +7,24 @@ Owns the on-disk text formats every layer shares (and needs no torch):
 * :func:`write_json` / :func:`read_json` — one record per file, written to a
   ``.partial`` name, fsynced and renamed into place (:func:`commit_file`);
 * :func:`write_text` — the same commit for any text (TOML, Markdown);
-* :func:`append_jsonl` / :func:`read_jsonl` — append-only logs, one JSON object per line.
+* :func:`append_jsonl` / :func:`read_jsonl` — append-only logs, one JSON object per line;
+* :class:`FolderLock` — one process at a time on a folder (a run directory), naming the holder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from fedseg.errors import FedsegError
 
 __all__ = [
-    "FLOAT_TAG", "append_jsonl", "commit_file", "dumps_json", "loads_json", "partial_path", "read_json",
+    "FLOAT_TAG", "LOCK_FILE", "FolderLock", "append_jsonl", "commit_file", "dumps_json", "loads_json", "partial_path", "read_json",
     "read_jsonl", "write_json", "write_text",
 ]
 
@@ -121,3 +124,56 @@ def read_jsonl(path: Path) -> list[Any]:
         return [loads_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FedsegError(f"{path}: cannot read JSON lines ({exc})") from exc
+
+
+LOCK_FILE = ".fedseg.lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held by this process until :meth:`release` (or its death).
+
+    ``flock`` on ``FOLDER/.fedseg.lock``, which holds the holder's pid: the kernel
+    drops the lock when the process ends however it ends (``kill -9`` too), so
+    a stale file never blocks a later run, and a second process is refused at
+    once with the holder's pid instead of both writing the same files.
+    """
+
+    def __init__(self, folder: Path, what: str = "fedseg") -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.what = what
+        self._handle: Any = None
+
+    def acquire(self) -> Self:
+        """Take the lock.
+
+        Raises:
+            FedsegError: another process holds it (its pid named).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise FedsegError(
+                f"{self.path.parent} is in use by another {self.what} (pid {holder}); stop it first, or use another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor drops the flock
+            self._handle = None
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.release()

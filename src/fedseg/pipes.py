@@ -23,7 +23,7 @@ from typing import Any
 
 from fedseg.errors import FedsegError
 from fedseg.io import dumps_json, loads_json
-from fedseg.processes import STOP_TIMEOUT_S, Child
+from fedseg.processes import CHILD_OPTIONS, STOP_TIMEOUT_S, Child
 
 __all__ = ["STOP_TIMEOUT_S", "ChildEnded", "JsonLinesChild", "free_port"]
 
@@ -114,5 +114,5 @@ def _popen(argv: Sequence[str], log: Path | None, env: Mapping[str, str] | None)
     with log.open("wb") if log is not None else contextlib.nullcontext() as err:  # the child keeps its own copy
         return subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else None, **CHILD_OPTIONS,  # type: ignore[call-overload]
         )

@@ -12,22 +12,34 @@ all :class:`Child` objects, and every group of them lives in a
 
 Stopping is one escalation for every child: ask (SIGTERM by default; a child
 that reads its stdin is asked by closing it), wait up to its grace period —
-all children's graces run concurrently — then SIGKILL, then reap. Exceptions
-and Ctrl-C included, no child outlives the supervisor.
+all children's graces run concurrently — then SIGKILL, then reap. Exceptions,
+Ctrl-C and SIGTERM (:func:`terminate_like_interrupt`, installed by the CLI)
+included, no child outlives the supervisor; and on Linux every child is also
+started with a parent-death signal, so even a ``kill -9`` of the supervising
+process stops its children (:data:`CHILD_OPTIONS`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
 from fedseg.errors import FedsegError
 
-__all__ = ["LOG_TAIL_LINES", "POLL_S", "STOP_TIMEOUT_S", "Child", "Supervisor", "stop_all", "tail"]
+__all__ = [
+    "CHILD_OPTIONS", "LOG_TAIL_LINES", "POLL_S", "STOP_TIMEOUT_S", "Child", "Supervisor", "Terminated", "stop_all",
+    "tail", "terminate_like_interrupt",
+]
 
 STOP_TIMEOUT_S = 10.0
 """Grace a child gets to exit after being asked, before it is killed."""
@@ -35,6 +47,42 @@ POLL_S = 0.2
 LOG_TAIL_LINES = 15
 
 C = TypeVar("C", bound="Child")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """In the child, before exec: SIGTERM when the parent dies (Linux ``prctl``), so no child is orphaned."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+CHILD_OPTIONS: dict[str, object] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+"""Extra ``Popen`` options for every child fedseg starts (the parent-death signal, where the OS has one)."""
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM): unwinds like Ctrl-C, so supervisors stop their children."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextmanager
+def terminate_like_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`Terminated` in the main thread (the CLI's entry point uses it).
+
+    Outside the main thread (where Python cannot set handlers) it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 ExitHook = Callable[[str, int], None]
 """Told each child's name and exit code as it ends."""
@@ -76,7 +124,7 @@ class Child:
         with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
                 [str(a) for a in argv], stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None,
+                env=dict(env) if env is not None else None, **CHILD_OPTIONS,  # type: ignore[call-overload]
             )
         return cls(name, process, log)
 

@@ -174,7 +174,8 @@ def client(
         )
         asyncio.run(
             run_client(
-                site_kit, TorchParticipant(trainer, outputs), server_url=server_url, audit_log=audit, retries=retries,
+                site_kit, TorchParticipant(trainer, outputs, site_kit.directory / "state" / f"fold{fold}"),
+                server_url=server_url, audit_log=audit, retries=retries,
                 share_case_names=share_case_names, settings=study.site_settings(fold),
                 limits=SiteLimits(study.federation.local_epochs, rounds or study.federation.rounds),
             )

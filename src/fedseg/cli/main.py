@@ -14,6 +14,7 @@ from fedseg.cli import models as model_commands
 from fedseg.cli import study as study_commands
 from fedseg.cli.console import err_console
 from fedseg.errors import FedsegError
+from fedseg.processes import Terminated, terminate_like_interrupt
 
 app = typer.Typer(
     name="fedseg",
@@ -51,9 +52,14 @@ def _root(
 
 
 def main() -> None:
-    """Console entry point: user errors and OS errors become one red line and exit code 1."""
+    """Console entry point: user errors and OS errors become one red line and exit code 1.
+
+    SIGTERM unwinds like Ctrl-C (child processes stopped, files closed, a run
+    resumable from its last committed round) and exits with 143.
+    """
     try:
-        app()
+        with terminate_like_interrupt():
+            app()
     except FedsegError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -63,6 +69,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Terminated:
+        err_console.print("[yellow]terminated[/]")
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file
 
 from fedseg.errors import FedsegError
 from fedseg.federation.config import StudyConfig
+from fedseg.io import FolderLock
 from fedseg.federation.deploy.provision import provision_study
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.transport.kit import load_kit, validate_site_names
@@ -224,26 +225,26 @@ def run_local(
     site_dirs = [Path(d) for d in site_dirs]
     names = site_names(site_dirs)
     out = Path(out)
-    if resume and (out / "kits").is_dir():
-        _check_kits(out / "kits", names)
-    elif out.exists() and any(out.iterdir()):
+    if not (resume and (out / "kits").is_dir()) and out.exists() and any(out.iterdir()):
         raise FedsegError(f"{out}: not empty; choose a new --out folder")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        provision_study("localhost", names, out / "kits", study="local", port=free_port())
-    results = []
-    for fold in folds:
-        finished = RunDir(out / f"fold{fold}")
-        if resume and (finished.root / "run.json").is_file() and finished.finished:
-            state = finished.read_state()
-            run = FoldRun(fold, finished.root, state.completed_rounds, state.best_round, state.best_dice, 0.0)
+    with FolderLock(out, "fedseg federate"):  # a second federate on this folder is refused, naming this one's pid
+        if resume and (out / "kits").is_dir():
+            _check_kits(out / "kits", names)
         else:
-            run = run_fold(
-                site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,
-                on_exit=on_exit, device=device, site_processes=site_processes,
-            )
-        write_fl_model(out / "model", study, site_dirs, names, run, site_processes)
-        results.append(run)
+            provision_study("localhost", names, out / "kits", study="local", port=free_port())
+        results = []
+        for fold in folds:
+            finished = RunDir(out / f"fold{fold}")
+            if resume and (finished.root / "run.json").is_file() and finished.finished:
+                state = finished.read_state()
+                run = FoldRun(fold, finished.root, state.completed_rounds, state.best_round, state.best_dice, 0.0)
+            else:
+                run = run_fold(
+                    site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,
+                    on_exit=on_exit, device=device, site_processes=site_processes,
+                )
+            write_fl_model(out / "model", study, site_dirs, names, run, site_processes)
+            results.append(run)
     return results
 
 

@@ -33,6 +33,7 @@ from fedseg.federation.protocol.rounds import RoundsConfig
 from fedseg.federation.strategies import Aggregator, Weights
 from fedseg.federation.transport.kit import Kit, load_kit
 from fedseg.federation.transport.server import run_server
+from fedseg.io import FolderLock
 from fedseg.models import build_model, weights_to_numpy
 from fedseg.training.config import TrainConfig
 from fedseg.training.pretrain import starting_weights
@@ -128,19 +129,23 @@ class ServerRun:
         # the round's updates wait on disk, not in memory (scratch, emptied every round)
         aggregator = federation.make_aggregator(DiskStore(self.root / SPOOL))
         run, weights, first_round = self.starting_point(aggregator)
+        lock = FolderLock(run.root, "fedseg server").acquire()  # a second server on this run is refused
         n_sites = len(self.sites)
         rounds = RoundsConfig(
             sites=tuple(self.sites), rounds=federation.rounds, min_sites=federation.quorum(n_sites),
             evaluate=federation.evaluate,
         )
-        asyncio.run(
-            run_server(
-                self.kit, run, rounds, aggregator, weights,
-                host=host, port=port if port is not None else int(self.kit.study["port"]),
-                round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
-                settings=self.study.site_settings(self.fold), local_epochs=federation.local_epochs,
+        try:
+            asyncio.run(
+                run_server(
+                    self.kit, run, rounds, aggregator, weights,
+                    host=host, port=port if port is not None else int(self.kit.study["port"]),
+                    round_timeout_s=federation.round_timeout_s, grace_s=federation.grace_s, first_round=first_round,
+                    settings=self.study.site_settings(self.fold), local_epochs=federation.local_epochs,
+                )
             )
-        )
+        finally:
+            lock.release()
         return run
 
     def starting_point(self, aggregator: Aggregator) -> tuple[RunDir, Weights, int]:

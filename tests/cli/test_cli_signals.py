@@ -1,0 +1,109 @@
+"""``fedseg federate`` stopped from outside: SIGTERM and SIGKILL leave no process behind, the run resumes, one run at a time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_site
+
+from fedseg.federation.deploy.rundir import RunDir
+
+pytestmark = pytest.mark.slow  # real federate processes on loopback
+
+STUDY_TOML = """
+[federation]
+rounds = 30
+round_timeout_s = 60.0
+grace_s = 5.0
+[prepare]
+spacing_mm = 2.0
+[train]
+patch_size = [16, 16, 8]
+batch_size = 2
+samples_per_volume = 1
+sw_batch_size = 2
+threads = 1
+[train.augment]
+blur_prob = 0.0
+elastic_prob = 0.0
+"""
+SITES = ("site_a", "site_b", "site_c")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("signals")
+    for k, name in enumerate(SITES):
+        write_site(root / name, seed=10 * k)
+    (root / "study.toml").write_text(STUDY_TOML)
+    return root
+
+
+def federate(work: Path, out: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "fedseg", "federate", *(str(work / s) for s in SITES), "--out", str(out),
+            "--config", str(work / "study.toml"), "--cache", str(work / "cache"), "--threads", "1", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def processes_of(out: Path) -> list[int]:
+    """Live processes whose command line names ``out`` (the server and the clients), zombies excluded."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(out).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def committed(out: Path) -> int:
+    state = out / "fold0" / "state.json"
+    return RunDir.open(out / "fold0").read_state().completed_rounds if state.is_file() else 0
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_federate_leaves_no_process_and_resumes(work: Path, tmp_path: Path, how: signal.Signals) -> None:
+    out = tmp_path / "run"
+    first = federate(work, out)
+    try:
+        wait_for(lambda: committed(out) >= 1, 240, "the first committed round")
+        # one run at a time: a second federate on the same folder is refused, naming the holder
+        second = subprocess.run(
+            [sys.executable, "-m", "fedseg", "federate", *(str(work / s) for s in SITES), "--out", str(out), "--resume",
+             "--config", str(work / "study.toml"), "--cache", str(work / "cache")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert second.returncode == 1 and f"in use by another fedseg federate (pid {first.pid})" in second.stderr
+        assert len(processes_of(out)) >= 4  # the server and three clients are still running
+        os.kill(first.pid, how)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == (143 if how == signal.SIGTERM else -signal.SIGKILL), err
+    # SIGTERM: the supervisor stops them; SIGKILL: their parent-death signal does
+    wait_for(lambda: processes_of(out) == [], 30, f"no process of the run after {how.name}")
+    done = committed(out)
+    assert done >= 1
+    resumed = federate(work, out, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    state = RunDir.open(out / "fold0").read_state()
+    assert state.finished and state.completed_rounds == 30
+    assert processes_of(out) == []
