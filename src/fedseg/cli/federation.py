@@ -178,6 +178,7 @@ def client(
                 server_url=server_url, audit_log=audit, retries=retries,
                 share_case_names=share_case_names, settings=study.site_settings(fold),
                 limits=SiteLimits(study.federation.local_epochs, rounds or study.federation.rounds),
+                model_bytes=sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values()),
             )
         )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "

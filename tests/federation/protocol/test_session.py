@@ -37,7 +37,11 @@ from fedseg.federation.protocol.session import (
     Welcomed,
     done_frames,
     error_frames,
+    EvaluationRepeated,
+    SiteLimits,
+    TrainingFailed,
     evaluate_frames,
+    local_problem,
     model_frames,
     negotiate,
     pseudonymise,
@@ -355,6 +359,63 @@ class TestSiteEnd:
         assert isinstance(event, Done) and event.rounds == 5
         assert_same_weights(event.weights, FINAL)
         assert session.state is SiteState.DONE and session.receive(UPDATE) == []
+
+
+class TestSiteDefences:
+    """A malicious or broken server cannot make a site train without bound or act as a Dice oracle."""
+
+    def test_more_epochs_or_rounds_than_the_site_agreed_end_the_session(self) -> None:
+        session = joined_site(limits=SiteLimits(epochs_per_round=2, rounds=5))
+        [event] = session.receive(frame(MessageType.TRAIN, 0, body={"epochs": 2}, tensors=WEIGHTS))
+        assert isinstance(event, TrainRequested) and event.epochs == 2
+        [event] = session.receive(frame(MessageType.TRAIN, 1, body={"epochs": 2**62}, tensors=WEIGHTS))
+        assert isinstance(event, ServerError) and "allows 2" in event.reason and session.state is SiteState.FAILED
+        late = joined_site(limits=SiteLimits(epochs_per_round=1, rounds=5))
+        [event] = late.receive(frame(MessageType.TRAIN, 5, body={"epochs": 1}, tensors=WEIGHTS))
+        assert isinstance(event, ServerError) and "has 5 rounds" in event.reason
+
+    def test_each_model_is_evaluated_once_and_the_same_result_sent_again(self) -> None:
+        session = TestSiteEnd().finished_site()
+        [event] = session.receive(frame(MessageType.EVALUATE, 4, body={"model": "final"}))
+        assert isinstance(event, EvaluateRequested)
+        session.send_result(4, "final", {"p1": 0.7})
+        [first] = sent(session)
+        # a reconnection during the final step: the same model again, the same answer, no new evaluation
+        [again] = session.receive(frame(MessageType.EVALUATE, 4, body={"model": "final"}))
+        assert again == EvaluationRepeated("final")
+        [repeated] = sent(session)
+        assert repeated.body == first.body
+        # other weights under the same name: an oracle on the site's test labels, refused
+        other = {k: np.asarray(v + 7) for k, v in WEIGHTS.items()}
+        [event] = session.receive(frame(MessageType.EVALUATE, 4, body={"model": "final"}, tensors=other))
+        assert isinstance(event, ServerError) and "evaluated once per study" in event.reason
+
+    def test_a_diverged_round_is_reported_not_sent(self) -> None:
+        assert local_problem(LocalUpdate(WEIGHTS, 3, 0.5)) is None
+        assert "Dice" in local_problem(LocalUpdate(WEIGHTS, 3, float("nan")))
+        nan = {**WEIGHTS, "conv.weight": np.full((2, 3), np.nan, np.float32)}
+        assert "non-finite" in local_problem(LocalUpdate(nan, 3, 0.5))
+        session = joined_site()
+        record = session.send_training_failed(3, "non-finite weights")
+        [error] = sent(session)
+        assert (error.type, error.round, error.body["code"]) == (MessageType.ERROR, 3, ErrorCode.TRAINING_FAILED)
+        assert record["message"] == "ERROR" and len(record["sha256"]) == 64
+        assert session.state is SiteState.JOINED  # not fatal: the next TRAIN is answered
+
+    def test_every_message_is_audited_before_it_is_sent(self) -> None:
+        session = site_session()
+        [hello] = session.audit_to_write()
+        assert hello["message"] == "HELLO" and hello["sha256"] == hashlib.sha256(b"".join(session.data_to_send())).hexdigest()
+
+
+class TestServerSideTrainingFailed:
+    def test_training_failed_is_an_event_not_a_departure(self) -> None:
+        session = joined_server()
+        failed = frame(MessageType.ERROR, 3, body={"code": int(ErrorCode.TRAINING_FAILED), "reason": "NaN loss"})
+        assert session.receive(failed) == [TrainingFailed(3, "NaN loss")]
+        assert session.state is ServerState.OPEN
+        [event] = session.receive(frame(MessageType.ERROR, body={"code": int(ErrorCode.TRAINING_FAILED), "reason": "x"}))
+        assert isinstance(event, SiteLeft) and "name its round" in event.reason
 
 
 class TestSiteConnections:

@@ -27,6 +27,18 @@ DEFAULT_SEND_FRAME = 1 * MiB
 # fp64 weights or a network several times larger.
 DEFAULT_MAX_MESSAGE = 1024 * MiB
 
+MESSAGE_OVERHEAD = 16 * MiB  # room above the model's own bytes for headers and framing
+
+
+def message_limit(model_bytes: int) -> int:
+    """The largest message worth accepting when the model is ``model_bytes`` big (an UPDATE or MODEL, plus headers).
+
+    Bounded by :data:`DEFAULT_MAX_MESSAGE`: a peer cannot make the reassembler
+    hold more than one model's worth (plus 16 MiB) per connection.
+    """
+    return min(DEFAULT_MAX_MESSAGE, int(model_bytes) + MESSAGE_OVERHEAD)
+
+
 MAX_HEADER = 1 * MiB  # JSON header of one frame
 MAX_TENSOR_HEADER = 16 * MiB  # safetensors' own JSON header
 MAX_TENSORS = 16_384
@@ -43,5 +55,10 @@ PING_TIMEOUT_S = 60.0
 """A peer that does not answer a ping within 60 s is considered gone."""
 HELLO_TIMEOUT_S = 30.0
 """How long a new connection may take to send its HELLO (server side)."""
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a new TCP connection may take to complete its TLS handshake (a stalled ClientHello is dropped)."""
+MAX_CONNECTIONS_PER_SITE = 2
+"""Open connections allowed per site of the study, plus :data:`SPARE_CONNECTIONS` (the rest is refused at once)."""
+SPARE_CONNECTIONS = 8
 OPEN_TIMEOUT_S = 30.0
 """How long a site waits for the server to accept its connection."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
-from fedseg.federation.protocol.constants import PING_INTERVAL_S, PING_TIMEOUT_S
+from fedseg.federation.protocol.constants import DEFAULT_MAX_MESSAGE, PING_INTERVAL_S, PING_TIMEOUT_S, message_limit
 from fedseg.federation.protocol.participant import Participant, Weights
 from fedseg.federation.protocol.session import (
     ConnectionDropped,
@@ -175,6 +175,7 @@ async def join_study(
     backoff: Backoff | None = None,
     before_connecting: Callable[[], None] | None = None,
     limits: SiteLimits | None = None,
+    model_bytes: int | None = None,
 ) -> Weights:
     """Take part in the study over ``transport`` as ``site`` until the server says DONE; returns the final weights.
 
@@ -184,11 +185,14 @@ async def join_study(
 
     Args:
         before_connecting: called before every attempt (e.g. to check the certificate dates).
+        model_bytes: this site's model size: no message from the server may be larger than it plus
+            16 MiB (None: the flat default limit).
         Others: as :func:`run_client`.
     """
     backoff = backoff or Backoff(10)
     session = SiteSession(
-        site, settings=settings, share_case_names=share_case_names, server=transport.server, limits=limits
+        site, settings=settings, share_case_names=share_case_names, server=transport.server, limits=limits,
+        max_message=message_limit(model_bytes) if model_bytes is not None else DEFAULT_MAX_MESSAGE,
     )
     pump = _Pump(session, participant, audit_log)
     while True:
@@ -220,6 +224,7 @@ async def run_client(
     retries: int = 10,
     retry_delay_s: float = FIRST_RETRY_DELAY_S,
     limits: SiteLimits | None = None,
+    model_bytes: int | None = None,
 ) -> Weights:
     """Take part in the study over mutual-TLS websockets until the server says DONE; returns the final global weights.
 
@@ -237,6 +242,7 @@ async def run_client(
         retry_delay_s: pause before the first reconnection; doubled after each
             further failure, up to MAX_RETRY_DELAY_S (a server restart takes a while).
         limits: the most this site agrees to train (local epochs per TRAIN, rounds).
+        model_bytes: this site's model size, which bounds every message from the server.
 
     Raises:
         FedsegError: TLS failure, refusal or error from the server, or the
@@ -245,7 +251,7 @@ async def run_client(
     transport = WebSocketClient(server_url or kit.server_url, client_context(kit))
     return await join_study(
         transport, participant, kit.name, audit_log=audit_log, share_case_names=share_case_names, settings=settings,
-        backoff=Backoff(retries, retry_delay_s, MAX_RETRY_DELAY_S), limits=limits,
+        backoff=Backoff(retries, retry_delay_s, MAX_RETRY_DELAY_S), limits=limits, model_bytes=model_bytes,
         # a study can outlive a certificate; say so rather than fail the handshake
         before_connecting=lambda: check_kit_dates(kit),
     )

@@ -47,6 +47,9 @@ import numpy as np
 from fedseg.errors import FedsegError
 from fedseg.federation.protocol.constants import (
     HELLO_TIMEOUT_S,
+    MAX_CONNECTIONS_PER_SITE,
+    SPARE_CONNECTIONS,
+    message_limit,
     PING_INTERVAL_S,
     PING_TIMEOUT_S,
 )
@@ -205,6 +208,10 @@ class _Study:
         self.grace_s = grace_s
         self.on_event = on_event
         self.connections: dict[str, Connection] = {}
+        # a peer's message may hold one model (plus headers) in the reassembler, not a flat 1 GiB
+        self.max_message = message_limit(sum(array.nbytes for array in rounds.global_weights.values()))
+        self.max_connections = MAX_CONNECTIONS_PER_SITE * len(rounds.config.sites) + SPARE_CONNECTIONS
+        self._open = 0
         self.finished: asyncio.Future[Weights] = asyncio.get_running_loop().create_future()
         self._round_timer: tuple[int, asyncio.TimerHandle] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -270,8 +277,19 @@ class _Study:
     # ---------------------------------------------------------------- connections
 
     async def handle(self, connection: Connection) -> None:
-        """One site's connection, from handshake to disconnect."""
-        session = ServerSession(rounds=self.rounds.config.rounds, settings=self.settings)
+        """One site's connection, from handshake to disconnect (refused at once above the connection cap)."""
+        if self._open >= self.max_connections:
+            log.warning("refused %s: %d connections open already", connection.remote_address, self._open)
+            await connection.close(1013, "too many connections; try again later")
+            return
+        self._open += 1
+        try:
+            await self._handle(connection)
+        finally:
+            self._open -= 1
+
+    async def _handle(self, connection: Connection) -> None:
+        session = ServerSession(rounds=self.rounds.config.rounds, settings=self.settings, max_message=self.max_message)
         try:
             joined = await self._handshake(connection, session)
         except ConnectionClosed as exc:

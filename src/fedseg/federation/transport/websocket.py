@@ -27,6 +27,7 @@ from fedseg.federation.protocol.constants import (
     OPEN_TIMEOUT_S,
     PING_INTERVAL_S,
     PING_TIMEOUT_S,
+    TLS_HANDSHAKE_TIMEOUT_S,
 )
 from fedseg.federation.protocol.errors import UnknownSite
 from fedseg.federation.transport.connection import (
@@ -126,6 +127,8 @@ class WebSocketServer:
             compression=None,
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S,
+            open_timeout=OPEN_TIMEOUT_S,  # the WebSocket upgrade after TLS
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,  # passed to create_server: stalled ClientHellos dropped
         ):
             log.info("listening on %s:%d", self.host, self.port)
             yield
