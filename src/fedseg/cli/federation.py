@@ -20,21 +20,105 @@ if TYPE_CHECKING:  # imported where used: `fedseg --help` stays fast
     from fedseg.federation.deploy.rundir import EvaluationRecord, RunDir
 
 
+provision_app = typer.Typer(
+    help="Create a study's certificates and start-up kits; later: add-site, renew, revoke.",
+    invoke_without_command=True, no_args_is_help=False,
+)
+
+PASSPHRASE_HELP = "File whose first line is the CA key's passphrase (keep it 0600; default: the CA key is not encrypted)."
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    """The first line of ``path`` (a file only its owner may read), or None."""
+    from fedseg.errors import FedsegError
+
+    if path is None:
+        return None
+    if path.stat().st_mode & 0o077:
+        raise FedsegError(f"{path} may be read by others; run: chmod 600 {path}")
+    line = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.read_text(encoding="utf-8").strip() else ""
+    if len(line) < 8:
+        raise FedsegError(f"{path}: the passphrase must be at least 8 characters")
+    return line.encode("utf-8")
+
+
+@provision_app.callback()
 def provision(
-    server_name: str = typer.Option(..., help="Host name (or IP) the sites will connect to."),
-    sites: str = typer.Option(..., help="Comma-separated site names, e.g. nci,suny,ucla (each becomes a certificate identity)."),
-    out: Path = typer.Option(..., help="New folder for the kits (must not exist or be empty)."),
+    ctx: typer.Context,
+    server_name: str | None = typer.Option(None, help="Host name (or IP) the sites will connect to."),
+    sites: str | None = typer.Option(None, help="Comma-separated site names, e.g. nci,suny,ucla (each becomes a certificate identity)."),
+    out: Path | None = typer.Option(None, help="New folder for the kits (must not exist or be empty)."),
     port: int = typer.Option(8443, help="Server port."),
-    days: int = typer.Option(825, help="Certificate validity in days."),
+    days: int = typer.Option(825, help="Certificate validity in days (the CA: one year longer)."),
     study: str = typer.Option("fedseg-study", help="Study name written into every kit."),
+    ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
 ) -> None:
     """Create a study CA, a server certificate and one client certificate per site, as start-up kits."""
+    from fedseg.errors import FedsegError
     from fedseg.federation.deploy.provision import provision_study
 
-    kits = provision_study(server_name, [s.strip() for s in sites.split(",") if s.strip()], out, days=days, study=study, port=port)
+    if ctx.invoked_subcommand is not None:
+        return
+    if server_name is None or sites is None or out is None:
+        raise FedsegError("fedseg provision needs --server-name, --sites and --out (or a command: add-site, renew, revoke)")
+    kits = provision_study(
+        server_name, [s.strip() for s in sites.split(",") if s.strip()], out, days=days, study=study, port=port,
+        ca_passphrase=_passphrase(ca_passphrase_file),
+    )
     for name, folder in kits.items():
         what = "keep OFFLINE: the CA key, needed only to add sites" if name == "ca" else f"give to {name} (see {folder}/README.txt)"
         console.print(f"[green]kit[/] {folder}: {what}")
+
+
+CA_HELP = "The study's CA folder (from 'fedseg provision')."
+SERVER_KIT_HELP = "The server's kit folder (its study.json and crl.pem are updated)."
+
+
+@provision_app.command("add-site")
+def add_site(
+    site: str = typer.Argument(..., help="The new site's name."),
+    ca: Path = typer.Option(..., help=CA_HELP),
+    server_kit: Path = typer.Option(..., "--server-kit", help=SERVER_KIT_HELP),
+    out: Path = typer.Option(..., help="New folder for the site's kit."),
+    days: int = typer.Option(825, help="Certificate validity in days."),
+    ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
+) -> None:
+    """Add a site to a provisioned study: its kit, and its name in the server's kit (the server takes it at --resume)."""
+    from fedseg.federation.deploy.lifecycle import add_site as add
+
+    folder = add(ca, server_kit, site, out, days=days, passphrase=_passphrase(ca_passphrase_file))
+    console.print(f"[green]kit[/] {folder}: give to {site}; restart the server with --resume to let it in")
+
+
+@provision_app.command()
+def renew(
+    name: str = typer.Argument(..., help="A site's name, or 'server'."),
+    ca: Path = typer.Option(..., help=CA_HELP),
+    server_kit: Path = typer.Option(..., "--server-kit", help=SERVER_KIT_HELP),
+    out: Path = typer.Option(..., help="New folder for the renewed kit."),
+    days: int = typer.Option(825, help="Certificate validity in days."),
+    ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
+) -> None:
+    """A new key and certificate for a site or the server (the old one stays valid until it expires or is revoked)."""
+    from fedseg.federation.deploy.lifecycle import renew as renewed
+
+    folder = renewed(ca, name, out, server_kit, days=days, passphrase=_passphrase(ca_passphrase_file))
+    console.print(f"[green]kit[/] {folder}: the renewed kit of {name}")
+
+
+@provision_app.command()
+def revoke(
+    name: str = typer.Argument(..., help="The site whose certificates are revoked."),
+    ca: Path = typer.Option(..., help=CA_HELP),
+    server_kit: Path = typer.Option(..., "--server-kit", help=SERVER_KIT_HELP),
+    remove: bool = typer.Option(False, "--remove", help="Also take the site off the study (at the next --resume)."),
+    ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
+) -> None:
+    """Revoke every certificate issued to a site so far; a running server refuses it from its next connection."""
+    from fedseg.federation.deploy.lifecycle import revoke as revoked
+
+    serials = revoked(ca, server_kit, name, remove=remove, passphrase=_passphrase(ca_passphrase_file))
+    console.print(f"[green]revoked[/] {name}: serial(s) {', '.join(serials)}; then 'fedseg provision renew {name}' for a new kit")
 
 
 # --------------------------------------------------------------------------- server, client, federate

@@ -24,13 +24,13 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_commands.app, name="data")
+app.add_typer(federation_commands.provision_app, name="provision")
 for command in (
     study_commands.study,
     model_commands.train,
     model_commands.predict,
     model_commands.evaluate,
     model_commands.tables,
-    federation_commands.provision,
     federation_commands.server,
     federation_commands.client,
     federation_commands.federate,

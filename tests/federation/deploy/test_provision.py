@@ -43,9 +43,9 @@ def _cert(path: Path) -> x509.Certificate:
 
 def test_kits_hold_the_expected_files(study: dict[str, Path]) -> None:
     assert set(study) == {"ca", "server", *SITES}
-    assert sorted(p.name for p in study["ca"].iterdir()) == ["README.txt", "ca.key", "ca.pem"]
+    assert sorted(p.name for p in study["ca"].iterdir()) == ["README.txt", "ca.key", "ca.pem", "issued.json"]
     assert sorted(p.name for p in study["server"].iterdir()) == [
-        "README.txt", "ca.pem", "server.key", "server.pem", "study.json"
+        "README.txt", "ca.pem", "crl.pem", "server.key", "server.pem", "study.json"
     ]
     for site in SITES:
         assert sorted(p.name for p in study[site].iterdir()) == [
@@ -248,3 +248,27 @@ def test_provision_command_writes_kits_and_names_the_offline_ca(tmp_path, run_cl
     assert (out / "nci" / "client.key").stat().st_mode & 0o777 == 0o600
     code, _, err = run_cli("provision", "--server-name", "localhost", "--sites", "nci", "--out", out)
     assert code == 1 and str(out) in err
+
+
+def test_lifecycle_commands(tmp_path, run_cli):
+    out = tmp_path / "kits"
+    secret = tmp_path / "passphrase"
+    secret.write_text("a long enough passphrase\n")
+    secret.chmod(0o600)
+    code, _, err = run_cli("provision", "--server-name", "localhost", "--sites", "nci", "--out", out,
+                           "--ca-passphrase-file", secret)
+    assert code == 0, err
+    common = ["--ca", out / "ca", "--server-kit", out / "server", "--ca-passphrase-file", secret]
+    code, stdout, err = run_cli("provision", "add-site", "suny", *common, "--out", tmp_path / "suny")
+    assert code == 0 and "--resume" in stdout, err
+    code, stdout, err = run_cli("provision", "revoke", "nci", *common)
+    assert code == 0 and "revoked" in stdout, err
+    code, stdout, err = run_cli("provision", "renew", "nci", *common, "--out", tmp_path / "nci2")
+    assert code == 0 and (tmp_path / "nci2" / "client.pem").is_file(), err
+    code, _, err = run_cli("provision", "revoke", "nci", "--ca", out / "ca", "--server-kit", out / "server")
+    assert code == 1 and "encrypted: give its passphrase" in err
+    secret.chmod(0o644)
+    code, _, err = run_cli("provision", "revoke", "nci", *common)
+    assert code == 1 and "chmod 600" in err
+    code, _, err = run_cli("provision")
+    assert code == 1 and "--server-name" in err

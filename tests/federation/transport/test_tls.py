@@ -16,7 +16,8 @@ from fedseg.errors import FedsegError
 from fedseg.federation.deploy.certificates import issue_site_certificate, load_ca
 from fedseg.federation.deploy.provision import provision_study
 from fedseg.federation.transport.kit import load_kit
-from fedseg.federation.transport.tls import client_context, peer_site, server_context
+from fedseg.federation.deploy.lifecycle import revoke
+from fedseg.federation.transport.tls import Revocations, client_context, peer_site, server_context
 
 pytestmark = pytest.mark.slow  # every handshake opens a socket on 127.0.0.1
 
@@ -52,13 +53,15 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def _serve_one(sock: socket.socket, context: ssl.SSLContext, allowed: set[str], result: Handshake) -> None:
+def _serve_one(
+    sock: socket.socket, context: ssl.SSLContext, allowed: set[str], result: Handshake, revocations: Revocations | None
+) -> None:
     try:
         conn, _ = sock.accept()
         conn.settimeout(10)
         with context.wrap_socket(conn, server_side=True) as tls:
             result.server_version = tls.version()
-            result.site = peer_site(tls, allowed)
+            result.site = peer_site(tls, allowed, revocations)
             tls.sendall(b"ok")
     except (ssl.SSLError, OSError, FedsegError) as exc:
         result.server_error = exc
@@ -82,9 +85,10 @@ def _connect(sock: socket.socket, context: ssl.SSLContext, hostname: str, result
 def handshake(
     sock: socket.socket, server: ssl.SSLContext, client: ssl.SSLContext, *,
     hostname: str = "localhost", allowed: set[str] | frozenset[str] = frozenset(SITES),
+    revocations: Revocations | None = None,
 ) -> Handshake:
     result = Handshake()
-    thread = threading.Thread(target=_serve_one, args=(sock, server, set(allowed), result), daemon=True)
+    thread = threading.Thread(target=_serve_one, args=(sock, server, set(allowed), result, revocations), daemon=True)
     thread.start()
     _connect(sock, client, hostname, result)
     thread.join(15)
@@ -96,16 +100,16 @@ def test_provisioned_site_connects_and_is_identified(kits: dict[str, Path], list
     result = handshake(listener, server_context(load_kit(kits["server"])), client_context(load_kit(kits["ucla"])))
     assert result.ok, result
     assert result.site == "ucla"
-    assert result.server_version in {"TLSv1.2", "TLSv1.3"}
+    assert result.server_version == "TLSv1.3"
     assert result.client_version == result.server_version
 
 
-def test_tls12_only_client_still_connects(kits: dict[str, Path], listener: socket.socket) -> None:
+def test_tls12_only_client_is_refused(kits: dict[str, Path], listener: socket.socket) -> None:
     client = client_context(load_kit(kits["nci"]))
+    client.minimum_version = ssl.TLSVersion.TLSv1_2
     client.maximum_version = ssl.TLSVersion.TLSv1_2
     result = handshake(listener, server_context(load_kit(kits["server"])), client)
-    assert result.ok, result
-    assert (result.server_version, result.site) == ("TLSv1.2", "nci")
+    assert isinstance(result.client_error, ssl.SSLError) and result.site is None, result
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
@@ -212,7 +216,7 @@ def test_contexts_are_strict(kits: dict[str, Path]) -> None:
     server = server_context(load_kit(kits["server"]))
     client = client_context(load_kit(kits["nci"]))
     for context in (server, client):
-        assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_3
         assert context.verify_mode == ssl.CERT_REQUIRED
         assert len(context.get_ca_certs()) == 1  # the study CA only, no system store
     assert client.check_hostname
@@ -220,6 +224,27 @@ def test_contexts_are_strict(kits: dict[str, Path]) -> None:
         server_context(load_kit(kits["nci"]))
     with pytest.raises(FedsegError, match="site kit"):
         client_context(load_kit(kits["server"]))
+
+
+def test_a_revoked_certificate_is_refused_without_a_restart(tmp_path: Path, listener: socket.socket) -> None:
+    kits = provision_study("localhost", list(SITES), tmp_path / "kits", study="revocation")
+    server_kit = load_kit(kits["server"])
+    revocations = Revocations.of(server_kit)
+    assert revocations.serials() == frozenset()  # the empty list provisioning wrote, signed by the CA
+    server = server_context(server_kit)
+    assert handshake(listener, server, client_context(load_kit(kits["nci"])), revocations=revocations).site == "nci"
+    revoke(kits["ca"], kits["server"], "nci")
+    refused = handshake(listener, server, client_context(load_kit(kits["nci"])), revocations=revocations)
+    assert isinstance(refused.server_error, FedsegError) and "site 'nci'" in str(refused.server_error)
+    assert "revoked" in str(refused.server_error)
+    assert handshake(listener, server, client_context(load_kit(kits["suny"])), revocations=revocations).site == "suny"
+
+
+def test_a_revocation_list_not_signed_by_the_study_ca_is_refused(kits, other_kits, tmp_path: Path) -> None:
+    forged = tmp_path / "crl.pem"
+    forged.write_bytes((Path(other_kits["server"]) / "crl.pem").read_bytes())
+    with pytest.raises(FedsegError, match="not signed by the study CA"):
+        Revocations(forged, load_kit(kits["server"]).ca).serials()
 
 
 def test_peer_site_without_certificate() -> None:

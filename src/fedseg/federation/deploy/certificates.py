@@ -111,6 +111,12 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
+CA_MARGIN_DAYS = 365
+"""The CA is valid this much longer than the certificates issued with it, so they can be renewed before it ends."""
+CRL_DAYS = 3650
+"""How long a revocation list is taken as current; fedseg checks its signature, not its freshness."""
+
+
 def new_certificate_authority(
     study: str, *, days: int = 825, not_before: dt.datetime | None = None
 ) -> tuple[KeyT, x509.Certificate]:
@@ -227,15 +233,34 @@ def issue_site_certificate(
     )
 
 
-def load_ca(folder: Path) -> tuple[KeyT, x509.Certificate]:
-    """Read the offline CA folder (``out/ca``) to issue more certificates.
+def load_ca(folder: Path, passphrase: bytes | None = None) -> tuple[KeyT, x509.Certificate]:
+    """Read the offline CA folder (``out/ca``) to issue more certificates (``passphrase``: an encrypted ca.key).
 
     Raises:
-        FedsegError: a file is missing, corrupt, or the key is readable by others.
+        FedsegError: a file is missing, corrupt, the key is readable by others, or
+            encrypted and the passphrase is missing or wrong.
     """
     folder = Path(folder)
-    key = load_private_key(folder / "ca.key")
+    key = load_private_key(folder / "ca.key", passphrase)
     cert = load_certificate(folder / "ca.pem")
     if not same_key(key, cert):
         raise FedsegError(f"{folder / 'ca.key'} does not belong to {folder / 'ca.pem'}")
     return key, cert
+
+
+def revocation_list(
+    ca_key: KeyT, ca_cert: x509.Certificate, serials: list[int], *, days: int = CRL_DAYS
+) -> x509.CertificateRevocationList:
+    """A CRL signed by the study CA that revokes ``serials`` (valid ``days``: re-signed by every revoke)."""
+    now = dt.datetime.now(dt.UTC) - _CLOCK_SKEW
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256())

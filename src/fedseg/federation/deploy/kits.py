@@ -22,19 +22,26 @@ from string import Template
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from fedseg.errors import FedsegError
 from fedseg.federation.deploy.certificates import (
+    CA_MARGIN_DAYS,
     ip_address,
     issue_server_certificate,
     issue_site_certificate,
     new_certificate_authority,
+    revocation_list,
 )
-from fedseg.federation.transport.kit import KIT_FILES, KIT_FORMAT, KeyT, Role
-from fedseg.io import dumps_json
+from fedseg.federation.transport.kit import CRL_FILE, KIT_FILES, KIT_FORMAT, KeyT, Role
+from fedseg.io import dumps_json, write_json
 
-__all__ = ["prepare_out", "readme", "server_url", "write_kits"]
+__all__ = [
+    "ISSUED_FILE", "issued_entry", "prepare_out", "readme", "server_url", "write_kits", "write_participant",
+    "write_site_kit",
+]
+
+ISSUED_FILE = "issued.json"  # in the CA folder: every certificate the CA signed
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,15 @@ def prepare_out(out: Path) -> None:
     out.mkdir(mode=_DIR_MODE)
 
 
-def write_kits(out: Path, host: str, sites: list[str], *, days: int, study: str, port: int) -> dict[str, Path]:
+def write_kits(
+    out: Path, host: str, sites: list[str], *, days: int, study: str, port: int, ca_passphrase: bytes | None = None
+) -> dict[str, Path]:
     """Create the CA and every certificate, and write the kits into the prepared, empty ``out``.
+
+    The CA is valid :data:`CA_MARGIN_DAYS` longer than the certificates, its key
+    encrypted with ``ca_passphrase`` when one is given; ``ca/issued.json`` lists
+    every certificate issued and the server kit holds an empty revocation list
+    (``crl.pem``) signed by the CA.
 
     Returns:
         ``{"ca": out/ca, "server": out/server, "<site>": out/<site>, ...}``.
@@ -80,33 +94,54 @@ def write_kits(out: Path, host: str, sites: list[str], *, days: int, study: str,
     Raises:
         OSError: a file cannot be written (FileExistsError: something appeared meanwhile).
     """
-    ca_key, ca_cert = new_certificate_authority(study, days=days)
+    ca_key, ca_cert = new_certificate_authority(study, days=days + CA_MARGIN_DAYS)
     ca_pem = _pem_cert(ca_cert)
-    kits = {"ca": _write_ca_kit(out / "ca", ca_key, ca_pem, study, sites)}
+    kits = {"ca": _write_ca_kit(out / "ca", ca_key, ca_pem, study, sites, ca_passphrase)}
     url = server_url(host, port)
     server_key, server_cert = issue_server_certificate(ca_key, ca_cert, host, days=days)
     server_doc = {
         "format": KIT_FORMAT, "role": "server", "study": study,
         "server_name": host, "port": port, "server_url": url, "sites": sites,
     }
-    kits["server"] = _write_participant(out / "server", "server", ca_pem, server_key, server_cert, server_doc)
+    kits["server"] = write_participant(out / "server", "server", ca_pem, server_key, server_cert, server_doc)
+    _write_public(out / "server" / CRL_FILE, revocation_list(ca_key, ca_cert, []).public_bytes(serialization.Encoding.PEM))
+    issued = [issued_entry("server", server_cert)]
     for site in sites:
         key, cert = issue_site_certificate(ca_key, ca_cert, site, days=days)
-        doc = {
-            "format": KIT_FORMAT, "role": "site", "study": study, "site": site,
-            "server_name": host, "port": port, "server_url": url,
-        }
-        kits[site] = _write_participant(out / site, "site", ca_pem, key, cert, doc)
+        kits[site] = write_site_kit(out / site, site, ca_pem, key, cert, server_doc)
+        issued.append(issued_entry(site, cert))
+    write_json(out / "ca" / ISSUED_FILE, issued)
     logger.info("provisioned study %r: server %s, %d site(s), kits in %s", study, host, len(sites), out)
     return kits
 
 
-def _pem_key(key: KeyT) -> bytes:
-    # Unencrypted PKCS#8: the server and clients start unattended; protection is
-    # the 0600 file mode and the 0700 folder (as for ssh host keys).
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _pem_key(key: KeyT, passphrase: bytes | None = None) -> bytes:
+    # Participants' keys are unencrypted PKCS#8: the server and clients start
+    # unattended; protection is the 0600 file mode and the 0700 folder (as for
+    # ssh host keys). The CA key, used by a person, may carry a passphrase.
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def issued_entry(name: str, cert: x509.Certificate) -> dict[str, Any]:
+    """One line of ``ca/issued.json``: who, serial, SHA-256 fingerprint, validity."""
+    return {
+        "name": name, "serial": str(cert.serial_number), "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+
+
+def write_site_kit(
+    folder: Path, site: str, ca_pem: bytes, key: KeyT, cert: x509.Certificate, server_doc: dict[str, Any]
+) -> Path:
+    """A site's kit in the new folder ``folder``, pointing at the server ``server_doc`` describes."""
+    doc = {
+        "format": KIT_FORMAT, "role": "site", "study": server_doc["study"], "site": site,
+        "server_name": server_doc["server_name"], "port": server_doc["port"], "server_url": server_doc["server_url"],
+    }
+    return write_participant(folder, "site", ca_pem, key, cert, doc)
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
@@ -125,8 +160,8 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         handle.write(data)
 
 
-def _write_secret(path: Path, key: KeyT) -> None:
-    _write_new(path, _pem_key(key), _PRIVATE_MODE)
+def _write_secret(path: Path, key: KeyT, passphrase: bytes | None = None) -> None:
+    _write_new(path, _pem_key(key, passphrase), _PRIVATE_MODE)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -143,15 +178,17 @@ def _study_json(doc: dict[str, Any]) -> bytes:
     return (dumps_json(dict(sorted(doc.items())), indent=2) + "\n").encode()
 
 
-def _write_ca_kit(folder: Path, ca_key: KeyT, ca_pem: bytes, study: str, sites: list[str]) -> Path:
+def _write_ca_kit(
+    folder: Path, ca_key: KeyT, ca_pem: bytes, study: str, sites: list[str], passphrase: bytes | None
+) -> Path:
     _make_dir(folder)
-    _write_secret(folder / "ca.key", ca_key)
+    _write_secret(folder / "ca.key", ca_key, passphrase)
     _write_public(folder / "ca.pem", ca_pem)
     _write_public(folder / "README.txt", readme("ca", study=study, sites=", ".join(sites)).encode())
     return folder
 
 
-def _write_participant(
+def write_participant(
     folder: Path, role: Role, ca_pem: bytes, key: KeyT, cert: x509.Certificate, doc: dict[str, Any]
 ) -> Path:
     cert_name, key_name = KIT_FILES[role]

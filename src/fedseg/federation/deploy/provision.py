@@ -44,6 +44,7 @@ def provision_study(
     days: int = 825,
     study: str = "fedseg-study",
     port: int = 8443,
+    ca_passphrase: bytes | None = None,
 ) -> dict[str, Path]:
     """Create a study CA, the server's and every site's certificate, and their kits.
 
@@ -57,9 +58,10 @@ def provision_study(
         sites: site names (see :func:`~fedseg.federation.transport.kit.validate_site_names`:
             1-64 of ``[a-z0-9_-]`` starting with a letter or digit, unique, not ``ca``/``server``).
         out: output folder; must not exist or be empty.
-        days: validity of every certificate, in days (825 = the CA/B limit).
+        days: validity of every certificate, in days (825 = the CA/B limit); the CA's is one year longer.
         study: study name (CA subject, ``study.json``).
         port: TCP port the server listens on.
+        ca_passphrase: encrypt the CA key with it (needed again by add-site, renew, revoke).
 
     Returns:
         ``{"ca": out/ca, "server": out/server, "<site>": out/<site>, ...}``.
@@ -74,7 +76,7 @@ def provision_study(
     _validate_options(study, port, days)
     prepare_out(out)
     try:
-        return write_kits(out, host, names, days=days, study=study, port=port)
+        return write_kits(out, host, names, days=days, study=study, port=port, ca_passphrase=ca_passphrase)
     except FileExistsError as exc:
         raise FedsegError(f"{exc.filename} appeared while writing kits; refusing to overwrite it") from exc
     except OSError as exc:

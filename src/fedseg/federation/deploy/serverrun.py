@@ -27,6 +27,7 @@ import torch
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
 from fedseg.federation.config import StudyConfig, load_study_config
+from fedseg.federation.deploy.lifecycle import explained_site_change
 from fedseg.federation.deploy.spool import SPOOL, DiskStore
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.protocol.rounds import RoundsConfig
@@ -110,7 +111,13 @@ class ServerRun:
         study = load_study_config(config) if config is not None else _recorded_study(recorded, str(run_dir))
         sites = sorted(server_kit.allowed_sites)
         if recorded.get("sites") != sites:
-            raise FedsegError(f"{run_dir}: run of sites {recorded.get('sites')}, but the kit's study has {sites}")
+            change = explained_site_change(server_kit, list(recorded.get("sites") or []))
+            if change is None:
+                raise FedsegError(
+                    f"{run_dir}: run of sites {recorded.get('sites')}, but the kit's study has {sites} "
+                    "(only 'fedseg provision add-site' and 'revoke --remove' may change them)"
+                )
+            say(f"the study's sites changed since the last round ({change}): continuing with {', '.join(sites)}")
         rounds = int(recorded["rounds"]) if rounds is None else rounds
         run_fold = int(recorded.get("fold", fold))
         return cls(server_kit, Path(run_dir), _overridden(study, rounds, threads), run_fold, True, Path(cache), say)

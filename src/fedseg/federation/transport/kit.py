@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 KIT_FORMAT = 1
+CRL_FILE = "crl.pem"  # in the server kit: the study CA's revocation list (``fedseg provision revoke``)
 """Version of the kit layout and ``study.json`` schema."""
 
 SITE_URI_PREFIX = "fedseg://site/"
@@ -148,6 +149,12 @@ class Kit:
     def allowed_sites(self) -> frozenset[str]:
         """Site names allowed to connect (server kits; empty for a site kit)."""
         return frozenset(self.study.get("sites", ()))
+
+    @property
+    def crl(self) -> Path | None:
+        """The revocation list of a server kit, or None (kits of older fedseg have none)."""
+        path = self.directory / CRL_FILE
+        return path if self.role == "server" and path.is_file() else None
 
     @property
     def server_url(self) -> str:
@@ -256,18 +263,25 @@ def load_certificate(path: Path) -> x509.Certificate:
         raise FedsegError(f"{path} is not a PEM certificate (corrupt or wrong file)") from exc
 
 
-def load_private_key(path: Path) -> KeyT:
-    """The unencrypted EC private key at ``path``, refused if group or others may read it.
+def load_private_key(path: Path, passphrase: bytes | None = None) -> KeyT:
+    """The EC private key at ``path`` (encrypted with ``passphrase``, or not), refused if group or others may read it.
 
     Raises:
         FedsegError: missing, too widely readable (with the ``chmod 600`` to run),
-            corrupt or not an EC key; the message never holds key material.
+            encrypted without the right passphrase, corrupt or not an EC key; the
+            message never holds key material.
     """
     _check_key_mode(path)
+    data = _read(path)
+    encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+    if encrypted and passphrase is None:
+        raise FedsegError(f"{path} is encrypted: give its passphrase (--ca-passphrase-file)")
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
     except (ValueError, TypeError) as exc:
         # The exception text never contains key material, but keep the message generic anyway.
+        if encrypted:
+            raise FedsegError(f"{path}: wrong passphrase, or a corrupt key") from exc
         raise FedsegError(f"{path} is not an unencrypted PEM private key (corrupt or wrong file)") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise FedsegError(f"{path} is not an EC private key as written by fedseg provision")

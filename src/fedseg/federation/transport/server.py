@@ -90,7 +90,7 @@ from fedseg.federation.transport.connection import (
     ServerTransport,
 )
 from fedseg.federation.transport.kit import Kit
-from fedseg.federation.transport.tls import server_context
+from fedseg.federation.transport.tls import Revocations, server_context
 from fedseg.federation.transport.websocket import WebSocketServer
 
 __all__ = ["HELLO_TIMEOUT_S", "PING_INTERVAL_S", "PING_TIMEOUT_S", "RoundStore", "run_server", "serve_study"]
@@ -624,7 +624,7 @@ async def run_server(
     Raises:
         FedsegError: the study failed (quorum lost); the reason names the missing sites.
     """
-    transport = WebSocketServer(host, port, server_context(kit, _log_tls_refusal))
+    transport = WebSocketServer(host, port, server_context(kit, _log_tls_refusal), Revocations.of(kit))
     return await serve_study(
         transport, run_dir, config, aggregator, initial_weights,
         round_timeout_s=round_timeout_s, grace_s=grace_s, allowed_sites=kit.allowed_sites, first_round=first_round,

@@ -5,44 +5,45 @@ than file paths, so every TLS decision lives here::
 
     server_context(kit)   -> server side: requires a client certificate from the study CA
     client_context(kit)   -> client side: verifies the server's certificate and host name
-    peer_site(ssl_object, allowed) -> the verified site name, or FedsegError
+    Revocations(kit)      -> the server kit's revocation list, re-read when the file changes
+    peer_site(ssl_object, allowed, revocations) -> the verified, unrevoked site name, or FedsegError
 
 Both contexts trust the study CA only (never the system store: a public CA
-must not be able to impersonate a participant), require TLS 1.2 or later
-(1.3 is negotiated whenever both ends support it) and, for TLS 1.2, offer
-forward-secret AEAD cipher suites only. The handshake itself refuses an
+must not be able to impersonate a participant) and speak TLS 1.3 only (all
+its cipher suites are AEAD and forward-secret). The handshake itself refuses an
 unknown CA, an expired certificate, a missing client certificate and a wrong
 host name; :func:`peer_site` then refuses a valid certificate whose identity
-is not a site of this study.
+is not a site of this study, or whose serial the study CA revoked (checked
+after the handshake, against a CRL whose signature is verified with the CA:
+a revocation takes effect for the next connection, without a restart).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from cryptography import x509
 
 from fedseg.errors import FedsegError
-from fedseg.federation.transport.kit import Kit, site_identity
+from fedseg.federation.transport.kit import Kit, load_certificate, site_identity
 
-__all__ = ["MINIMUM_VERSION", "HandshakeHook", "client_context", "peer_site", "server_context"]
+__all__ = ["MINIMUM_VERSION", "HandshakeHook", "Revocations", "client_context", "peer_site", "server_context"]
+
+log = logging.getLogger("fedseg.server")
 
 HandshakeHook = Callable[[ssl.SSLError], None]
 """Told why a TLS handshake failed (server side)."""
 
-MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
-"""Oldest TLS version accepted by either side."""
-
-# TLS 1.2 suites only (TLS 1.3 suites are all AEAD + forward-secret and are not
-# affected by set_ciphers): ECDHE for forward secrecy, AEAD only.
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_3
+"""The only TLS version either side speaks (1.3: AEAD, forward secrecy, the certificate encrypted)."""
 
 
 def _base_context(protocol: int, kit: Kit) -> ssl.SSLContext:
     context = ssl.SSLContext(protocol)
     context.minimum_version = MINIMUM_VERSION
-    context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION  # CRIME; usually the default already
     # RFC 5280 strictness (as create_default_context does from Python 3.13);
     # certificates written by provision comply.
@@ -119,8 +120,51 @@ def client_context(kit: Kit) -> ssl.SSLContext:
     return context
 
 
-def peer_site(ssl_object: ssl.SSLObject | ssl.SSLSocket, allowed: set[str] | frozenset[str]) -> str:
-    """The site name of the TLS peer, if it is one of ``allowed``.
+class Revocations:
+    """The serials the study CA revoked, from the server kit's ``crl.pem``; re-read whenever the file changes.
+
+    A CRL that is unreadable or not signed by the study CA stops the check with
+    an error (a forged list must not unrevoke anyone; a broken one must not be
+    ignored silently).
+    """
+
+    def __init__(self, crl: Path | None, ca: Path) -> None:
+        self.path = crl
+        self.ca = ca
+        self._seen: tuple[int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, kit: Kit) -> Revocations:
+        return cls(kit.crl, kit.ca)
+
+    def serials(self) -> frozenset[int]:
+        """The revoked serial numbers now (the file is re-read when its size or mtime changed)."""
+        if self.path is None or not self.path.exists():
+            return self._serials
+        stat = self.path.stat()
+        if self._seen != (stat.st_mtime_ns, stat.st_size):
+            self._serials = self._load()
+            self._seen = (stat.st_mtime_ns, stat.st_size)
+            log.info("revocation list %s: %d certificate(s) revoked", self.path, len(self._serials))
+        return self._serials
+
+    def _load(self) -> frozenset[int]:
+        assert self.path is not None
+        try:
+            crl = x509.load_pem_x509_crl(self.path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise FedsegError(f"cannot read the revocation list {self.path}: {exc}") from exc
+        ca = load_certificate(self.ca)
+        if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            raise FedsegError(f"{self.path} is not signed by the study CA {self.ca}; refusing to use it")
+        return frozenset(revoked.serial_number for revoked in crl)
+
+
+def peer_site(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, allowed: set[str] | frozenset[str], revocations: Revocations | None = None
+) -> str:
+    """The site name of the TLS peer, if it is one of ``allowed`` and its certificate is not revoked.
 
     Only meaningful on a connection made with :func:`server_context`: the
     certificate returned by ``getpeercert`` has then been verified against the
@@ -133,8 +177,11 @@ def peer_site(ssl_object: ssl.SSLObject | ssl.SSLSocket, allowed: set[str] | fro
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise FedsegError("the peer presented no client certificate; only the study's sites may connect")
-    name = site_identity(x509.load_der_x509_certificate(der))
+    cert = x509.load_der_x509_certificate(der)
+    name = site_identity(cert)
     if name not in allowed:
         raise FedsegError(f"certificate identity {name!r} is not a site of this study")
+    if revocations is not None and cert.serial_number in revocations.serials():
+        raise FedsegError(f"the certificate of site {name!r} (serial {cert.serial_number:x}) has been revoked")
     return name
 

@@ -35,7 +35,7 @@ from fedseg.federation.transport.connection import (
     ConnectionLost,
     Handler,
 )
-from fedseg.federation.transport.tls import peer_site
+from fedseg.federation.transport.tls import Revocations, peer_site
 
 __all__ = ["WebSocketClient", "WebSocketConnection", "WebSocketServer"]
 
@@ -72,8 +72,9 @@ def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
 class WebSocketConnection:
     """A websockets connection (either side) as a :class:`~fedseg.federation.transport.connection.Connection`."""
 
-    def __init__(self, ws: ServerConnection | ClientConnection) -> None:
+    def __init__(self, ws: ServerConnection | ClientConnection, revocations: Revocations | None = None) -> None:
         self._ws = ws
+        self._revocations = revocations
 
     @property
     def remote_address(self) -> str:
@@ -84,7 +85,7 @@ class WebSocketConnection:
         if ssl_object is None:
             raise UnknownSite("plain connections are refused; connect with wss:// and a site certificate")
         try:
-            return peer_site(ssl_object, allowed)
+            return peer_site(ssl_object, allowed, self._revocations)
         except FedsegError as exc:
             raise UnknownSite(str(exc)) from exc
 
@@ -106,17 +107,23 @@ class WebSocketConnection:
 
 
 class WebSocketServer:
-    """Listen on ``host:port`` with ``ssl_context`` (mutual TLS: :func:`~fedseg.federation.transport.tls.server_context`)."""
+    """Listen on ``host:port`` with ``ssl_context`` (mutual TLS: :func:`~fedseg.federation.transport.tls.server_context`).
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
+    ``revocations``: certificates refused after the handshake although the CA signed them.
+    """
+
+    def __init__(
+        self, host: str, port: int, ssl_context: ssl.SSLContext, revocations: Revocations | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.revocations = revocations
 
     @asynccontextmanager
     async def serve(self, handler: Handler) -> AsyncIterator[None]:
         async def on_connection(ws: ServerConnection) -> None:
-            await handler(WebSocketConnection(ws))
+            await handler(WebSocketConnection(ws, self.revocations))
 
         async with serve(
             on_connection,
