@@ -73,3 +73,19 @@ def test_server_steps_benchmark_smoke():
     assert len(rows) == 5, result.stdout
     assert all(float(row.rsplit("|", 2)[1]) > 0 for row in rows)
     assert "735 tensors; 146 frames" in result.stdout
+
+
+def test_robustness_benchmark_quick(tmp_path):
+    """The attack suite in quick mode: every study ends, nothing crashes, hangs or is poisoned."""
+    out = tmp_path / "robustness.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "robustness.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 25
+    assert sum(r["crashes"] for r in rows) == 0 and sum(r["hangs"] for r in rows) == 0
+    assert sum(r["poisoned"] for r in rows) == 0
+    must_refuse = [r for r in rows if "huge integer buffer" not in r["attack"] and "sans-I/O" not in r["attack"]]
+    assert all(r["refused"] == r["tried"] > 0 for r in must_refuse), [r for r in must_refuse if r["refused"] != r["tried"]]

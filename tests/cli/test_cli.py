@@ -70,3 +70,14 @@ def test_error_text_with_brackets_is_printed_verbatim(tmp_path, run_cli):
     (tmp_path / "site" / "images").mkdir(parents=True)
     code, _, err = run_cli("train", tmp_path / "site", "--out", tmp_path / "m", "--config", config)
     assert code == 1 and "[prepare]" in err
+
+
+def test_log_lines_cannot_be_forged_by_a_peer() -> None:
+    import logging
+
+    from fedseg.cli.console import SafeFormatter, escape_controls
+
+    assert escape_controls("ok\x1b[31mred\x00") == "ok\\x1b[31mred\\x00"
+    record = logging.LogRecord("fedseg.server", logging.WARNING, __file__, 1, "site %s: %s", ("nci", "bad\n2026 INFO forged"), None)
+    line = SafeFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "WARNING site nci: bad\\n2026 INFO forged" and "\n" not in line

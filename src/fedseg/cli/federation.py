@@ -42,6 +42,21 @@ def _passphrase(path: Path | None) -> bytes | None:
     return line.encode("utf-8")
 
 
+def _cases(text: str | None) -> dict[str, int] | None:
+    """``nci=120,suny=80`` as a dict (None: not given)."""
+    from fedseg.errors import FedsegError
+
+    if text is None:
+        return None
+    cases: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        site, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise FedsegError(f"--cases: {item!r} is not SITE=COUNT")
+        cases[site.strip()] = int(count)
+    return cases
+
+
 @provision_app.callback()
 def provision(
     ctx: typer.Context,
@@ -52,6 +67,7 @@ def provision(
     days: int = typer.Option(825, help="Certificate validity in days (the CA: one year longer)."),
     study: str = typer.Option("fedseg-study", help="Study name written into every kit."),
     ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
+    cases: str | None = typer.Option(None, help="Training cases per site, e.g. nci=120,suny=80: the server refuses updates claiming more."),
 ) -> None:
     """Create a study CA, a server certificate and one client certificate per site, as start-up kits."""
     from fedseg.errors import FedsegError
@@ -63,7 +79,7 @@ def provision(
         raise FedsegError("fedseg provision needs --server-name, --sites and --out (or a command: add-site, renew, revoke)")
     kits = provision_study(
         server_name, [s.strip() for s in sites.split(",") if s.strip()], out, days=days, study=study, port=port,
-        ca_passphrase=_passphrase(ca_passphrase_file),
+        ca_passphrase=_passphrase(ca_passphrase_file), cases=_cases(cases),
     )
     for name, folder in kits.items():
         what = "keep OFFLINE: the CA key, needed only to add sites" if name == "ca" else f"give to {name} (see {folder}/README.txt)"
@@ -128,10 +144,10 @@ CONFIG_HELP = "Study TOML with the tables federation, train and prepare."
 
 
 def _logging() -> None:
-    """INFO logs of the server/client to stderr (a no-op when logging is already configured)."""
-    import logging
+    """INFO logs of the server/client to stderr, control characters escaped (a no-op when already configured)."""
+    from fedseg.cli.console import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
 
 def _threads(threads: int | None) -> None:

@@ -61,7 +61,7 @@ class FederationConfig(Table):
         min_sites: quorum; None = every site of the study.
         aggregator: ``dice-weighted`` (the paper), ``sample-weighted``, ``uniform``, ``median`` or ``trimmed-mean``.
         max_norm_ratio: an update whose change from the global model exceeds this many times the
-            round's lower-median change is refused (inf: no bound).
+            round's upper-median change is refused (inf: no bound).
         max_site_share: with three or more updates, no site's aggregation weight exceeds this (1: no cap).
         trim_fraction: ``trimmed-mean`` only: share of the sites' values dropped at each end.
         server_optimizer: None, or ``fedadam``.

@@ -226,3 +226,19 @@ def test_completed_rounds_keep_the_sites_scalars_but_not_their_weights():
     assert all(u.weights == {} for u in completed.updates.values())
     assert {s: u.val_dice for s, u in completed.updates.items()} == {"nci": 0.9, "suny": 0.8, "ucla": 0.7}
     assert completed.result.weights["w"].shape == (3,)
+
+
+def test_a_sample_count_above_the_declared_one_or_a_changed_one_is_refused():
+    rounds = ServerRounds(
+        RoundsConfig(SITES, 3, 2, declared_samples={"ucla": 10}), WeightedMean("sample-weighted"), {"w": np.zeros(3, np.float32)}
+    )
+    for site in SITES:
+        rounds.site_connected(site)
+    liar = Update("ucla", {"w": np.ones(3, np.float32)}, 2**63 - 1, 0.5)
+    (refused, *_) = rounds.update_received("ucla", liar, 0)
+    assert isinstance(refused, UpdateRefused) and "exceeds the 10 training cases declared" in refused.reason
+    rounds.update_received("nci", Update("nci", {"w": np.ones(3, np.float32)}, 30, 0.5), 0)
+    completed = rounds.update_received("suny", Update("suny", {"w": np.ones(3, np.float32)}, 20, 0.5), 0)[0]
+    assert set(completed.refused) == {"ucla"}
+    (changed, *_) = rounds.update_received("nci", Update("nci", {"w": np.ones(3, np.float32)}, 3000, 0.5), 1)
+    assert isinstance(changed, UpdateRefused) and "changed from 30 to 3000" in changed.reason

@@ -79,7 +79,8 @@ def prepare_out(out: Path) -> None:
 
 
 def write_kits(
-    out: Path, host: str, sites: list[str], *, days: int, study: str, port: int, ca_passphrase: bytes | None = None
+    out: Path, host: str, sites: list[str], *, days: int, study: str, port: int, ca_passphrase: bytes | None = None,
+    cases: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Create the CA and every certificate, and write the kits into the prepared, empty ``out``.
 
@@ -102,6 +103,7 @@ def write_kits(
     server_doc = {
         "format": KIT_FORMAT, "role": "server", "study": study,
         "server_name": host, "port": port, "server_url": url, "sites": sites,
+        **({"cases": dict(sorted(cases.items()))} if cases else {}),
     }
     kits["server"] = write_participant(out / "server", "server", ca_pem, server_key, server_cert, server_doc)
     _write_public(out / "server" / CRL_FILE, revocation_list(ca_key, ca_cert, []).public_bytes(serialization.Encoding.PEM))

@@ -45,6 +45,7 @@ def provision_study(
     study: str = "fedseg-study",
     port: int = 8443,
     ca_passphrase: bytes | None = None,
+    cases: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Create a study CA, the server's and every site's certificate, and their kits.
 
@@ -62,6 +63,8 @@ def provision_study(
         study: study name (CA subject, ``study.json``).
         port: TCP port the server listens on.
         ca_passphrase: encrypt the CA key with it (needed again by add-site, renew, revoke).
+        cases: training cases per site, from the data agreement: the server refuses an update
+            claiming more (sample-weighted aggregation weighs by them).
 
     Returns:
         ``{"ca": out/ca, "server": out/server, "<site>": out/<site>, ...}``.
@@ -74,9 +77,12 @@ def provision_study(
     host = validate_host(server_name)
     names = validate_site_names(sites)
     _validate_options(study, port, days)
+    for site, n in (cases or {}).items():
+        if site not in names or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise FedsegError(f"--cases: {site}={n!r} must name a site of the study and a count >= 1")
     prepare_out(out)
     try:
-        return write_kits(out, host, names, days=days, study=study, port=port, ca_passphrase=ca_passphrase)
+        return write_kits(out, host, names, days=days, study=study, port=port, ca_passphrase=ca_passphrase, cases=cases)
     except FileExistsError as exc:
         raise FedsegError(f"{exc.filename} appeared while writing kits; refusing to overwrite it") from exc
     except OSError as exc:

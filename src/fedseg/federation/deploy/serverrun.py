@@ -140,7 +140,7 @@ class ServerRun:
         n_sites = len(self.sites)
         rounds = RoundsConfig(
             sites=tuple(self.sites), rounds=federation.rounds, min_sites=federation.quorum(n_sites),
-            evaluate=federation.evaluate,
+            evaluate=federation.evaluate, declared_samples=self.kit.declared_cases,
         )
         try:
             asyncio.run(

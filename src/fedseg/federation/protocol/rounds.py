@@ -38,6 +38,7 @@ Rules (the [federation] issue, item 6):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -63,6 +64,8 @@ class RoundsConfig:
     rounds: int
     min_sites: int
     evaluate: bool = True  # final step: ask each site for per-case Dice of the final model
+    # training cases the coordinator declared per site (fedseg provision --cases): a site claiming more is refused
+    declared_samples: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_sites <= len(self.sites):
@@ -178,6 +181,7 @@ class ServerRounds:
         self.global_weights = global_weights
         self.next_round = first_round
         self.connected: set[str] = set()
+        self._samples: dict[str, int] = {}  # each site's num_samples, pinned at its first accepted update
         self.phase = Phase.DONE if finished and first_round >= config.rounds else Phase.WAITING
         self._round: _OpenRound | None = None
 
@@ -229,6 +233,9 @@ class ServerRounds:
                 current.late.append(f"{site}: {unexpected}")
             return [UpdateRefused(site, round_number, unexpected)]
         assert current is not None
+        claim = self._false_claim(site, update)
+        if claim is not None:
+            return [UpdateRefused(site, current.number, claim), *self._refuse(site, claim)]
         try:
             self.aggregator.add(update)
         except UpdateRejected as exc:
@@ -237,6 +244,7 @@ class ServerRounds:
         # the weights are folded into the aggregator's running sum: keep only the scalars, so the
         # server's memory does not grow with the number of sites
         current.updates[site] = dataclasses.replace(update, weights={})
+        self._samples.setdefault(site, update.num_samples)
         return self._maybe_complete()
 
     def round_failed(self, site: str, round_number: int, reason: str) -> list[Action]:
@@ -278,6 +286,17 @@ class ServerRounds:
             return f"this site was not asked to train round {round_number} (it joined after the round started)"
         if site in current.left_out:
             return f"it arrived after the site was left out of round {round_number} ({current.left_out[site]})"
+        return None
+
+    def _false_claim(self, site: str, update: Update) -> str | None:
+        """Why ``update``'s sample count cannot be true: above what was declared, or not what the site said before."""
+        n = update.num_samples
+        declared = self.config.declared_samples.get(site)
+        if isinstance(n, int) and declared is not None and n > declared:
+            return f"num_samples {n} exceeds the {declared} training cases declared for this site"
+        pinned = self._samples.get(site)
+        if pinned is not None and n != pinned:
+            return f"num_samples changed from {pinned} to {n} during the study"
         return None
 
     def _refuse(self, site: str, reason: str) -> list[Action]:

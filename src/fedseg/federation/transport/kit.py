@@ -151,6 +151,11 @@ class Kit:
         return frozenset(self.study.get("sites", ()))
 
     @property
+    def declared_cases(self) -> dict[str, int]:
+        """Training cases per site declared at provisioning (server kits; empty when none were)."""
+        return {str(site): int(n) for site, n in self.study.get("cases", {}).items()}
+
+    @property
     def crl(self) -> Path | None:
         """The revocation list of a server kit, or None (kits of older fedseg have none)."""
         path = self.directory / CRL_FILE
