@@ -59,6 +59,7 @@ from fedseg.federation.deploy.certificates import issue_site_certificate, load_c
 from fedseg.federation.deploy.lifecycle import revoke
 from fedseg.federation.deploy.provision import provision_study
 from fedseg.federation.deploy.rundir import RunDir
+from fedseg.federation.deploy.spool import SPOOL, DiskStore
 from fedseg.federation.protocol.chunks import to_frames
 from fedseg.federation.protocol.constants import PROTOCOL_VERSION
 from fedseg.federation.protocol.errors import ErrorCode
@@ -154,12 +155,17 @@ def attack_update(kind: str, weights: dict[str, np.ndarray]) -> tuple[dict[str, 
         tensors.pop(floats[0])
     elif kind == "huge integer buffer":
         tensors["steps"] = np.asarray(2**62, np.int64)
+    elif kind == "honest weights, 2^63-1 samples":
+        body = {"num_samples": 2**63 - 1, "val_dice": 0.7, "metrics": {}}
+    elif kind == "honest weights, Dice 1.0":
+        body = {"num_samples": 10, "val_dice": 1.0, "metrics": {}}
     return tensors, body
 
 
 UPDATE_ATTACKS = [
     "x1e6", "x1000, Dice 1.0, 2^63-1 samples", "sign flip x10", "float32 max", "NaN", "Inf", "wrong shape",
-    "wrong dtype", "missing tensor", "huge integer buffer",
+    "wrong dtype", "missing tensor", "huge integer buffer", "honest weights, 2^63-1 samples",
+    "honest weights, Dice 1.0",
 ]
 PROTOCOL_ATTACKS = ["stale (a later round)", "replay of the previous round", "duplicate", "unasked (before TRAIN)"]
 
@@ -251,6 +257,13 @@ def poisoned_rounds(run: Path, honest: dict[str, Honest]) -> int:
     return bad
 
 
+def _final_weights(run: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    last = RunDir.open(run).read_state().completed_rounds - 1
+    return load_file(str(run / "rounds" / f"{last:04d}" / "global.safetensors"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -260,18 +273,25 @@ def free_port() -> int:
 async def study(
     kits: dict[str, Path], work: Path, rounds: int, *, attacks: list[str] | None = None,
     side: Callable[[int], Any] | None = None, timeout_s: float = 120.0, round_timeout_s: float = 10.0,
+    honest: dict[str, Any] | None = None, initial: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """One study on the real server; ``side(port)`` runs alongside (connection attacks, floods)."""
+    """One study on the real server; ``side(port)`` runs alongside (connection attacks, floods).
+
+    Without ``attacks`` (None) mallory is not part of the study at all (a clean run).
+    """
     port = free_port()
     run = work / f"run-{port}"
-    store = RunDir.create(run, {"sites": list(SITES), "rounds": rounds})
+    sites = SITES if attacks is not None or side is not None else HONEST
+    store = RunDir.create(run, {"sites": list(sites), "rounds": rounds})
+    declared = load_kit(kits["server"]).declared_cases
     server = asyncio.create_task(run_server(
-        load_kit(kits["server"]), store, RoundsConfig(SITES, rounds, 3), make_aggregator("dice-weighted"), INITIAL,
+        load_kit(kits["server"]), store, RoundsConfig(sites, rounds, 3, declared_samples=declared),
+        make_aggregator("dice-weighted", store=DiskStore(run / SPOOL)), initial if initial is not None else INITIAL,
         host="127.0.0.1", port=port, round_timeout_s=round_timeout_s, grace_s=1.0,
     ))
     await asyncio.sleep(0.3)
     url = f"wss://localhost:{port}"
-    honest = {site: Honest(i) for i, site in enumerate(HONEST)}
+    honest = honest if honest is not None else {site: Honest(i) for i, site in enumerate(HONEST)}
     tasks = [asyncio.create_task(run_client(load_kit(kits[s]), p, server_url=url, retries=20, retry_delay_s=0.2,
                                             limits=SiteLimits(1, rounds)))
              for s, p in honest.items()]
@@ -295,7 +315,9 @@ async def study(
     await asyncio.gather(*tasks, *([extra] if extra else []), return_exceptions=True)
     server.cancel()
     state = RunDir.open(run).read_state()
+    final = RunDir.open(run).round_records()
     outcome.update(run=run, honest=honest, mallory=mallory, completed=state.completed_rounds, finished=state.finished,
+                   final_weights=_final_weights(run) if final else None,
                    extra=extra.result() if extra is not None and extra.done() and not extra.cancelled() and extra.exception() is None else None)
     return outcome
 
@@ -379,7 +401,10 @@ async def update_section(kits, work, report: Report) -> None:
     for kind in attacks:
         tried = mallory.sent.get(kind, 0)
         refused = min(mallory.told.get(kind, 0), tried)
-        note = "accepted: the element-wise median keeps an honest value" if kind == "huge integer buffer" else ""
+        note = {
+            "huge integer buffer": "accepted: the element-wise median keeps an honest value",
+            "honest weights, Dice 1.0": "accepted: its share is capped at 1/2 and the best round is picked by the median Dice",
+        }.get(kind, "")
         report.add(Row(f"update: {kind}", tried, refused, outcome["crash"], outcome["hang"],
                        poisoned if kind == attacks[0] else 0, note))
     if not outcome["finished"]:
@@ -617,6 +642,133 @@ def federate_kill_section(work: Path, report: Report) -> None:
                             f"processes left: {len(left)}"))
 
 
+async def network_dice_section(kits, work, report: Report) -> None:
+    """The tiny segmentation network on synthetic cubes: the final Dice with mallory's x1000 updates vs without mallory."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import cube_case
+
+    from fedseg.models import build_model
+    from fedseg.site import TorchParticipant
+    from fedseg.training.augment import AugmentConfig
+    from fedseg.training.config import TrainConfig
+    from fedseg.training.engine import LocalTrainer
+
+    torch.set_num_threads(1)
+    config = TrainConfig(patch_size=(16, 16, 8), batch_size=2, samples_per_volume=2, sw_batch_size=2,
+                         learning_rate=1e-2, threads=1, augment=AugmentConfig.off())
+    initial = {k: v.numpy().copy() for k, v in build_model(config.network, seed=0).state_dict().items()}
+
+    def trainer(i: int) -> LocalTrainer:
+        return LocalTrainer(build_model(config.network, seed=i), [cube_case(i), cube_case(20 + i)], [cube_case(10 + i)], config)
+
+    def participants() -> dict[str, TorchParticipant]:
+        return {site: TorchParticipant(trainer(i)) for i, site in enumerate(HONEST)}
+
+    rounds = 4
+    clean = await study(kits, work, rounds, honest=participants(), initial=initial, timeout_s=300)
+    attacked = await study(kits, work, rounds, attacks=["x1000, Dice 1.0, 2^63-1 samples"] * rounds,
+                           honest=participants(), initial=initial, timeout_s=300)
+
+    def dice(weights: dict[str, np.ndarray]) -> list[float]:
+        scores = []
+        for i in range(len(HONEST)):
+            t = trainer(i)
+            t.set_weights({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            scores.append(t.validate())
+        return scores
+
+    ok = clean["finished"] and attacked["finished"]
+    before, after = (dice(clean["final_weights"]), dice(attacked["final_weights"])) if ok else ([0.0], [1.0])
+    gap = max(abs(a - b) for a, b in zip(before, after, strict=True))
+    mallory: Mallory = attacked["mallory"]
+    report.add(Row("tiny network: x1000 + Dice 1.0 + 2^63-1 samples every round", sum(mallory.sent.values()),
+                   sum(mallory.told.values()), attacked["crash"] + clean["crash"], attacked["hang"] + clean["hang"],
+                   int(gap > 0.01),
+                   note=f"final validation Dice per site {', '.join(f'{d:.3f}' for d in after)} vs clean "
+                        f"{', '.join(f'{d:.3f}' for d in before)}: largest difference {gap:.4f} (poisoned if > 0.01)"))
+
+
+def kill_section(work: Path, kills: int, report: Report) -> None:
+    """``kills`` random ``kill -9`` of the server or a site during rounds; each restarted as a service manager would."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import write_site
+
+    rng = random.Random(7)
+    root = work / "kills"
+    names = ("site_a", "site_b", "site_c")
+    sites = {n: write_site(root / "sites" / n, seed=10 * i) for i, n in enumerate(names)}
+    port = free_port()
+    kits = provision_study("localhost", list(names), root / "kits", study="kills", port=port)
+    rounds = 40
+    toml = root / "study.toml"
+    toml.write_text(f"[federation]\nrounds = {rounds}\nround_timeout_s = 20.0\ngrace_s = 2.0\n[prepare]\nspacing_mm = 2.0\n"
+                    "[train]\npatch_size = [16, 16, 8]\nbatch_size = 2\nsamples_per_volume = 1\nsw_batch_size = 2\n"
+                    "threads = 1\n[train.augment]\nblur_prob = 0.0\nelastic_prob = 0.0\n")
+    run = root / "run"
+    common = ["--config", str(toml), "--cache", str(root / "cache"), "--threads", "1"]
+    fedseg = [sys.executable, "-m", "fedseg"]
+
+    def server(resume: bool) -> subprocess.Popen:
+        where = ["--resume", str(run)] if resume else ["--out", str(run)]
+        return subprocess.Popen([*fedseg, "server", "--kit", str(kits["server"]), *where, "--host", "127.0.0.1", *common],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(name: str) -> subprocess.Popen:
+        return subprocess.Popen([*fedseg, "client", "--kit", str(kits[name]), "--data", str(sites[name]), "--retries", "100",
+                                 "--server-url", f"wss://localhost:{port}", *common],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    procs: dict[str, subprocess.Popen] = {"server": server(False), **{n: client(n) for n in names}}
+    state = run / "state.json"
+    committed = lambda: json.loads(state.read_text())["completed_rounds"] if state.is_file() else 0  # noqa: E731
+
+    def restart(name: str) -> None:  # as a service manager would (Restart=on-failure)
+        procs[name] = (server((run / "run.json").is_file()) if name == "server" else client(name))
+
+    seen, lost, done_kills, hang, deadline = 0, 0, 0, 0, time.monotonic() + 900
+    try:
+        while done_kills < kills and time.monotonic() < deadline and committed() < rounds:
+            time.sleep(rng.uniform(1.0, 3.0))
+            now = committed()
+            lost += int(now < seen)
+            seen = max(seen, now)
+            for name, p in procs.items():
+                if p.poll() not in (None, 0):
+                    restart(name)
+            victim = rng.choice(list(procs))
+            procs[victim].kill()
+            procs[victim].wait()
+            done_kills += 1
+            restart(victim)
+        while procs["server"].poll() != 0 and time.monotonic() < deadline:  # let the study finish, restarting failures
+            time.sleep(1.0)
+            for name, p in procs.items():
+                if p.poll() not in (None, 0):
+                    restart(name)
+        hang = int(procs["server"].poll() != 0)
+        for name in names:  # a site restarted after the end finds no server: stop it
+            try:
+                procs[name].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                procs[name].kill()
+        codes = {name: p.wait() for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    final = RunDir.open(run)
+    records = [r.round for r in final.round_records()]
+    lost += int(records != list(range(rounds)))
+    report.completed_rounds_lost += lost
+    report.add(Row(f"kill -9 of the server or a site, {done_kills} times during rounds", done_kills,
+                   int(final.finished and not hang), 0, hang,
+                   note=f"each restarted (server with --resume); finished {final.finished}, rounds 0..{records[-1] if records else '-'}"
+                        f" committed once each, exit codes {sorted(set(codes.values()))}; refused = the study still finished"))
+
+
 def _mentions(proc: Path, text: str) -> bool:
     try:
         return text.encode() in (proc / "cmdline").read_bytes()
@@ -682,6 +834,8 @@ async def network_sections(kits, other, work, quick: bool, report: Report) -> No
     print("a site that never reads", flush=True)
     await slow_reader_section(kits, work, report)
     await full_disk_section(report, work)
+    print("the tiny network, clean and under attack", flush=True)
+    await network_dice_section(kits, work, report)
 
 
 def main() -> None:
@@ -695,7 +849,8 @@ def main() -> None:
     report = Report()
     with tempfile.TemporaryDirectory(prefix="fedseg-robustness-") as tmp:
         work = Path(tmp)
-        kits = provision_study("localhost", [*SITES, "revoked"], work / "kits", study="robustness")
+        kits = provision_study("localhost", [*SITES, "revoked"], work / "kits", study="robustness",
+                               cases={site: 10 for site in SITES})
         revoke(kits["ca"], kits["server"], "revoked")
         other = provision_study("localhost", ["nci"], work / "other", study="another")
         print("mutated frames (sans-I/O)", flush=True)
@@ -706,6 +861,8 @@ def main() -> None:
         if not args.quick:
             print("SIGTERM and SIGKILL of fedseg federate", flush=True)
             federate_kill_section(work, report)
+            print("kill -9, restarted, many times", flush=True)
+            kill_section(work, 50, report)
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     table = markdown(report, time.perf_counter() - start, args.quick)
     print(table)

@@ -204,8 +204,9 @@ def serve_study(cfg: dict[str, Any]) -> None:
     the peak (VmHWM, ru_maxrss) at the end.
     """
     quiet_logging()
+    from fedseg.federation.deploy.spool import SPOOL, DiskStore
     from fedseg.federation.strategies import WeightedMean
-    from fedseg.federation.strategies import mean as strategy_mean
+    from fedseg.federation.strategies import screened as strategy_mean
     from fedseg.federation.protocol.rounds import (
         RoundCompleted,
         RoundsConfig,
@@ -225,7 +226,7 @@ def serve_study(cfg: dict[str, Any]) -> None:
         finally:
             log["validate_s"].append(time.perf_counter() - start)
 
-    strategy_mean.validate_update = timed_validate  # WeightedMean.add looks it up in its module: time its share
+    strategy_mean.validate_update = timed_validate  # ScreenedAggregator.add looks it up in its module: time its share
 
     class TimedAggregator(WeightedMean):
         def add(self, update: Any) -> float:
@@ -276,7 +277,8 @@ def serve_study(cfg: dict[str, Any]) -> None:
     run_dir = TimedRunDir.create(Path(cfg["run_dir"]), {"benchmark": True, "sites": list(sites), "rounds": cfg["rounds"]})
     config = RoundsConfig(sites=sites, rounds=int(cfg["rounds"]), min_sites=len(sites), evaluate=False)
     study = run_server(
-        kit, run_dir, config, TimedAggregator("dice-weighted"), initial,
+        # as fedseg server runs it: the round's updates wait on disk (deploy/spool.py), screening on
+        kit, run_dir, config, TimedAggregator("dice-weighted", store=DiskStore(Path(cfg["run_dir"]) / SPOOL)), initial,
         host=SERVER_HOST, port=int(cfg["port"]), round_timeout_s=float(cfg["round_timeout_s"]), grace_s=60.0,
         on_event=on_event,
     )

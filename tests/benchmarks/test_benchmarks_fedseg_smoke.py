@@ -87,5 +87,6 @@ def test_robustness_benchmark_quick(tmp_path):
     assert len(rows) >= 25
     assert sum(r["crashes"] for r in rows) == 0 and sum(r["hangs"] for r in rows) == 0
     assert sum(r["poisoned"] for r in rows) == 0
-    must_refuse = [r for r in rows if "huge integer buffer" not in r["attack"] and "sans-I/O" not in r["attack"]]
+    accepted = ("huge integer buffer", "honest weights, Dice 1.0", "sans-I/O")  # by design: neutralised, capped, or valid
+    must_refuse = [r for r in rows if not any(a in r["attack"] for a in accepted)]
     assert all(r["refused"] == r["tried"] > 0 for r in must_refuse), [r for r in must_refuse if r["refused"] != r["tried"]]

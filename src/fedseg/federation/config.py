@@ -6,7 +6,8 @@ rounds = 40
 local_epochs = 1         # local epochs per round (the paper: 1)
 min_sites = 2            # default: every site
 aggregator = "dice-weighted"   # or sample-weighted, uniform, median, trimmed-mean
-max_norm_ratio = 5.0     # refuse an update changing the model > 5 x the round's median change (inf: off)
+max_norm_ratio = 5.0     # refuse an update changing the model > 5 x the round's reference change (inf: off)
+norm_floor = 0.5         # the reference: the median change, but at least 0.5 x the global model's norm
 max_site_share = 0.5     # with >= 3 sites no site weighs more than this (1: off)
 trim_fraction = 0.1      # trimmed-mean: share of sites dropped at each end per coordinate
 server_optimizer = "fedadam"   # optional
@@ -61,7 +62,9 @@ class FederationConfig(Table):
         min_sites: quorum; None = every site of the study.
         aggregator: ``dice-weighted`` (the paper), ``sample-weighted``, ``uniform``, ``median`` or ``trimmed-mean``.
         max_norm_ratio: an update whose change from the global model exceeds this many times the
-            round's upper-median change is refused (inf: no bound).
+            round's reference change is refused (inf: no bound).
+        norm_floor: the reference change is the round's upper-median change, but at least this
+            fraction of the global model's norm.
         max_site_share: with three or more updates, no site's aggregation weight exceeds this (1: no cap).
         trim_fraction: ``trimmed-mean`` only: share of the sites' values dropped at each end.
         server_optimizer: None, or ``fedadam``.
@@ -80,6 +83,7 @@ class FederationConfig(Table):
     min_sites: Count | None = None
     aggregator: Text = "dice-weighted"
     max_norm_ratio: Annotated[float, Field(ge=1, strict=True), must_be("a number >= 1 (inf: no bound)")] = 5.0
+    norm_floor: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True), must_be("a number >= 0")] = 0.5
     max_site_share: Annotated[float, Field(gt=0, le=1, strict=True), must_be("a number in (0, 1]")] = 0.5
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5, strict=True), must_be("a number in [0, 0.5)")] = 0.1
     server_optimizer: Text | None = None
@@ -116,7 +120,7 @@ class FederationConfig(Table):
 
     def make_aggregator(self, store: UpdateStore | None = None) -> Aggregator:
         """A fresh aggregator as configured (a new one per run); its updates wait in ``store`` (default: memory)."""
-        screening = Screening(self.max_norm_ratio, self.max_site_share)
+        screening = Screening(self.max_norm_ratio, self.max_site_share, self.norm_floor)
         return make_aggregator(
             self.aggregator, self.server_optimizer, screening=screening, store=store, trim_fraction=self.trim_fraction,
             **self.server_optimizer_options,

@@ -31,6 +31,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedseg.errors import FedsegError
+from fedseg.federation.strategies.arrays import c_contiguous
 from fedseg.federation.protocol.rounds import EvaluationCompleted, RoundCompleted
 from fedseg.io import commit_file, read_json, write_json
 from fedseg.schema import Record
@@ -118,7 +119,7 @@ class ResumePoint:
 
 def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    save_file({k: c_contiguous(v) for k, v in tensors.items()}, str(tmp))
     commit_file(tmp, path)
 
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedseg.errors import FedsegError
+from fedseg.federation.strategies.arrays import c_contiguous
 from fedseg.federation.protocol.names import is_site_name
 
 __all__ = ["SPOOL", "DiskStore"]
@@ -31,6 +32,7 @@ class DiskStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
 
+
     def _path(self, site: str) -> Path:
         if not is_site_name(site):  # never a path outside the folder, whatever the name
             raise FedsegError(f"site name {site!r} cannot name a spool file")
@@ -38,7 +40,8 @@ class DiskStore:
 
     def put(self, site: str, weights: Mapping[str, np.ndarray]) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save_file({name: np.ascontiguousarray(array) for name, array in weights.items()}, str(self._path(site)))
+        save_file({name: c_contiguous(array) for name, array in weights.items()}, str(self._path(site)))
+
 
     def get(self, site: str, name: str) -> np.ndarray:
         with safe_open(str(self._path(site)), framework="np") as handle:

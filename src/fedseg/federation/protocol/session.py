@@ -426,7 +426,7 @@ def weights_digest(weights: Weights) -> str:
     """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(weights):
-        array = np.ascontiguousarray(weights[name])
+        array = np.require(weights[name], requirements="C")
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()

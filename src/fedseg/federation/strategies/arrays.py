@@ -7,10 +7,15 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["Weights", "cast_like", "float_names", "is_float", "is_real"]
+__all__ = ["c_contiguous", "Weights", "cast_like", "float_names", "is_float", "is_real"]
 
 Weights = dict[str, np.ndarray]
 """A model state dict as numpy arrays (float tensors, plus integer/bool buffers)."""
+
+
+def c_contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order with its shape kept (``np.ascontiguousarray`` turns a 0-d array into shape (1,))."""
+    return np.require(array, requirements="C")
 
 
 def is_float(array: np.ndarray) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from fedseg.errors import FedsegError
 from fedseg.federation.strategies.arrays import Weights, is_float
 from fedseg.federation.strategies.base import Aggregator
-from fedseg.federation.strategies.screening import Screening, delta_norm
+from fedseg.federation.strategies.screening import Screening, delta_norm, norm
 from fedseg.federation.strategies.store import MemoryStore, UpdateStore
 from fedseg.federation.strategies.updates import RoundResult, Update, UpdateRejected, validate_update
 
@@ -107,14 +107,18 @@ class ScreenedAggregator(Aggregator):
         if not self._kept:
             raise FedsegError(f"{self.name}: no update was added this round")
         norms = {site: kept.norm for site, kept in self._kept.items()}
-        median, note = self.screening.norm_reference(norms, self._previous_reference)
-        refused = self.screening.oversized(norms, median)
+        bound_reference, median, note = self.screening.norm_reference(norms, self._previous_reference, norm(reference))
+        refused = self.screening.oversized(norms, bound_reference)
         accepted = [site for site in self._kept if site not in refused]
         raw = {site: self._kept[site].raw for site in accepted}
         shares, notes = self._shares(raw)
         shares, cap_notes = self.screening.capped(shares)
-        weights = {name: self._tensor(name, array, accepted, shares) for name, array in reference.items()}
-        if median is not None and note is None:
+        # every update refused (possible only below three updates): the model stays; the round machine fails the round
+        weights = (
+            {name: self._tensor(name, array, accepted, shares) for name, array in reference.items()}
+            if accepted else {name: np.array(array, dtype=np.float64 if is_float(array) else array.dtype) for name, array in reference.items()}
+        )
+        if median is not None:
             self._previous_reference = median
         self._global = None
         self.store.clear()

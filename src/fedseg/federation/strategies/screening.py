@@ -11,10 +11,18 @@ alone:
   median outside their own changes. (The upper, not the lower, median: late
   in a study of different sites, the sites closest to the global model barely
   change it, and the lower median of four — 0.09 against 3.1 and 2.9 in
-  ``benchmarks/robustness.py`` — refused the honest sites farther away.) With one or two
-  updates no median is trustworthy: the previous round's reference is used if
-  there is one, else no bound applies (the result's notes say so); nor does
-  one when most updates did not change the model at all (median change 0).
+  ``benchmarks/robustness.py`` — refused the honest sites farther away.)
+  The reference never falls below ``norm_floor`` (0.5) times the global
+  model's own norm: in a round where most sites barely move the model (one
+  Adam step on a case without foreground), an honest site that moved it 700 x
+  more — one Adam step at lr 1e-2 moves unet-small by 0.33 x its norm — was
+  refused (tests/study, 3 cases per site; a floor of 0.05 still refused it).
+  With the floor an update may change the model by up to 5 x 0.5 = 2.5 x its
+  norm whatever the others did (the demo's honest first rounds: 1.9 x), while
+  a sign-flipped x10 update (11 x) or a scaled one is still far beyond.
+  With one or two updates no median is trustworthy: the previous round's
+  median is used if there is one, else no bound applies (the result's notes
+  say so; of two sites, neither can be told to be the honest one).
 * **Share cap.** With three or more accepted updates no site's normalised
   weight exceeds ``max_site_share`` (default 1/2); the excess goes to the
   others in proportion to their weights (water-filling). A site claiming Dice
@@ -35,7 +43,7 @@ import numpy as np
 from fedseg.errors import FedsegError
 from fedseg.federation.strategies.arrays import is_float
 
-__all__ = ["NO_SCREENING", "Screening", "cap_shares", "delta_norm", "upper_median"]
+__all__ = ["NO_SCREENING", "Screening", "cap_shares", "delta_norm", "norm", "upper_median"]
 
 MIN_FOR_MEDIAN = 3  # fewer updates than this: one liar is half the sample or more
 
@@ -47,6 +55,16 @@ def delta_norm(global_weights: Mapping[str, np.ndarray], weights: Mapping[str, n
         if is_float(reference):
             diff = weights[name].astype(np.float64) - reference.astype(np.float64)
             total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def norm(weights: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the float tensors of ``weights`` (float64)."""
+    total = 0.0
+    for array in weights.values():
+        if is_float(array):
+            flat = array.astype(np.float64).ravel()
+            total += float(np.dot(flat, flat))
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
@@ -84,10 +102,12 @@ class Screening:
     Attributes:
         max_norm_ratio: refuse an update whose change exceeds this many times the round's upper-median change (>= 1; inf = off).
         max_site_share: no site's normalised weight above this, with three or more accepted updates (in (0, 1]).
+        norm_floor: the bound's reference is at least this fraction of the global model's norm (>= 0).
     """
 
     max_norm_ratio: float | None = 5.0
     max_site_share: float | None = 0.5
+    norm_floor: float = 0.5
 
     def __post_init__(self) -> None:
         ratio, share = self.max_norm_ratio, self.max_site_share
@@ -97,19 +117,31 @@ class Screening:
             object.__setattr__(self, "max_norm_ratio", None)
         if share is not None and not (0 < share <= 1):
             raise FedsegError(f"max_site_share must be in (0, 1], got {share}")
+        if not (math.isfinite(self.norm_floor) and self.norm_floor >= 0):
+            raise FedsegError(f"norm_floor must be a number >= 0, got {self.norm_floor}")
 
-    def norm_reference(self, norms: Mapping[str, float], previous: float | None) -> tuple[float | None, str | None]:
-        """The change the bound is relative to this round, and a note when it is not the round's own median."""
+    def norm_reference(
+        self, norms: Mapping[str, float], previous: float | None, global_norm: float = 0.0
+    ) -> tuple[float | None, float | None, str | None]:
+        """(the change the bound is relative to, the round's own median or None, a note when it is not that median).
+
+        With fewer than three updates there is no median a liar cannot move: the
+        previous round's is used when there is one, else no bound applies (a
+        two-site study cannot tell an honest outlier from a dishonest one).
+        """
         if self.max_norm_ratio is None:
-            return None, None
+            return None, None, None
+        floor = self.norm_floor * global_norm
         if len(norms) >= MIN_FOR_MEDIAN:
             median = upper_median(list(norms.values()))
-            if median > 0:
-                return median, None
-            return None, "no norm bound this round: most updates did not change the model"
+            note = None if median >= floor else (
+                f"norm bound from the floor ({self.norm_floor:g} x the model's norm): the median change is smaller"
+            )
+            return (max(median, floor) or None), median, note
         if previous is not None:
-            return previous, f"norm bound from the previous round's median change ({len(norms)} update(s) this round)"
-        return None, f"no norm bound this round: {len(norms)} update(s), a median needs {MIN_FOR_MEDIAN}"
+            note = f"norm bound from the previous round's median change ({len(norms)} update(s) this round)"
+            return max(previous, floor) or None, None, note
+        return None, None, f"no norm bound this round: {len(norms)} update(s), a median needs {MIN_FOR_MEDIAN}"
 
     def oversized(self, norms: Mapping[str, float], reference: float | None) -> dict[str, str]:
         """Site -> refusal reason for every update bigger than the bound."""
@@ -118,11 +150,11 @@ class Screening:
         bound = self.max_norm_ratio * reference
         return {
             site: (
-                f"update norm {norm:.4g} (change from the global model) exceeds {self.max_norm_ratio:g} x the round's "
-                f"median change {reference:.4g}"
+                f"update norm {change:.4g} (change from the global model) exceeds {self.max_norm_ratio:g} x the round's "
+                f"reference change {reference:.4g}"
             )
-            for site, norm in norms.items()
-            if norm > bound
+            for site, change in norms.items()
+            if change > bound
         }
 
     def capped(self, shares: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
