@@ -103,3 +103,12 @@ def test_resume_refuses_a_run_of_other_sites(kits: dict[str, Path], config: Path
         ServerRun.resume(other["server"], run.root, cache=tmp_path)
     with pytest.raises(FedsegError, match="not a fedseg run directory"):
         ServerRun.resume(kits["server"], tmp_path / "nowhere", cache=tmp_path)
+
+
+def test_local_mode_waits_for_a_fold_no_longer_than_its_rounds_can_take():
+    from fedseg.federation.config import FederationConfig, StudyConfig
+    from fedseg.federation.deploy.local import START_MARGIN_S, fold_deadline
+
+    study = StudyConfig(FederationConfig(rounds=4, round_timeout_s=100.0, grace_s=10.0))
+    assert fold_deadline(study, None) == 5 * 100.0 + 10.0 + START_MARGIN_S
+    assert fold_deadline(study, 2) == 3 * 100.0 + 10.0 + START_MARGIN_S

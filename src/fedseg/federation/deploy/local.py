@@ -114,8 +114,13 @@ def run_fold(
     on_exit: Callable[[str, int], None] | None = None,
     device: str | None = None,
     site_processes: int | None = None,
+    deadline_s: float | None = None,
 ) -> FoldRun:
-    """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails."""
+    """Run (or continue) one fold's study: server + one client per site as processes; raises if any fails.
+
+    ``deadline_s``: the most the fold may take (every round is bounded by its own timeout; this bounds the
+    whole, so a server that stopped answering cannot hang local mode).
+    """
     start = time.perf_counter()
     run_dir = out / f"fold{fold}"
     resuming = (run_dir / "run.json").is_file()
@@ -139,7 +144,7 @@ def run_fold(
             argv = fedseg_command(*_client_args(out, fold, name, site_dir, port, cache), *site_args)
             children.start(f"client {name}", argv, logs / f"{name}.log")
         _wait_listening(port, server, SERVER_START_TIMEOUT_S)
-        codes = children.wait_all(on_exit)
+        codes = children.wait_all(on_exit, timeout_s=deadline_s)
     _raise_failures(fold, codes, children)
     state = RunDir.open(run_dir).read_state()
     return FoldRun(fold, run_dir, state.completed_rounds, state.best_round, state.best_dice, time.perf_counter() - start)
@@ -241,11 +246,20 @@ def run_local(
             else:
                 run = run_fold(
                     site_dirs, names, out, fold, rounds=rounds, config_file=config_file, cache=cache, threads=threads,
-                    on_exit=on_exit, device=device, site_processes=site_processes,
+                    on_exit=on_exit, device=device, site_processes=site_processes, deadline_s=fold_deadline(study, rounds),
                 )
             write_fl_model(out / "model", study, site_dirs, names, run, site_processes)
             results.append(run)
     return results
+
+
+START_MARGIN_S = 3600.0  # the server's start (a phantom prior may be trained first) and the processes' own start
+
+
+def fold_deadline(study: StudyConfig, rounds: int | None) -> float:
+    """The longest a fold can legitimately take: every round and the final step at their timeout, the grace, a start."""
+    federation = study.federation
+    return ((rounds or federation.rounds) + 1) * federation.round_timeout_s + federation.grace_s + START_MARGIN_S
 
 
 def _check_kits(kits: Path, names: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ sample count cannot buy it more than its capped share.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,14 +66,14 @@ WEIGHTINGS: Mapping[str, Weighting] = {w.name: w for w in (DICE, SAMPLES, UNIFOR
 """The weightings a study config may name, by name."""
 
 
-def weighted_mean(arrays: list[np.ndarray], shares: list[float]) -> np.ndarray:
+def weighted_mean(shape: tuple[int, ...], arrays: Iterable[np.ndarray], shares: list[float]) -> np.ndarray:
     """``sum_i s_i x_i`` in float64, folded incrementally (``mean += s / S * (x - mean)``).
 
     Incremental rather than ``sum(s x)``: no product can underflow (hypothesis
     found Dice 2e-308 times 4e-38 rounding to 0), and identical inputs give a
     mean bit-for-bit equal to them. Zero shares add nothing.
     """
-    mean = np.zeros(arrays[0].shape, dtype=np.float64)
+    mean = np.zeros(shape, dtype=np.float64)
     total = 0.0
     for array, share in zip(arrays, shares, strict=True):
         if share:
@@ -112,5 +112,5 @@ class WeightedMean(ScreenedAggregator):
     def raw_weight(self, update: Update) -> float:
         return float(self.weighting.weight(update))
 
-    def combine(self, arrays: list[np.ndarray], shares: list[float]) -> np.ndarray:
-        return weighted_mean(arrays, shares)
+    def combine(self, shape: tuple[int, ...], arrays: Iterator[np.ndarray], shares: list[float]) -> np.ndarray:
+        return weighted_mean(shape, arrays, shares)  # one site's tensor at a time

@@ -12,6 +12,7 @@ store: memory is one tensor per site, not one model per site.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -32,8 +33,8 @@ class CoordinateMedian(ScreenedAggregator):
     def raw_weight(self, update: Update) -> float:
         return 1.0
 
-    def combine(self, arrays: list[np.ndarray], shares: list[float]) -> np.ndarray:
-        return np.median(np.stack(arrays).astype(np.float64), axis=0)
+    def combine(self, shape: tuple[int, ...], arrays: Iterator[np.ndarray], shares: list[float]) -> np.ndarray:
+        return np.median(np.stack(list(arrays)).astype(np.float64), axis=0)
 
 
 class TrimmedMean(ScreenedAggregator):
@@ -62,7 +63,7 @@ class TrimmedMean(ScreenedAggregator):
     def raw_weight(self, update: Update) -> float:
         return 1.0
 
-    def combine(self, arrays: list[np.ndarray], shares: list[float]) -> np.ndarray:
-        k = self.trimmed(len(arrays))
-        ordered = np.sort(np.stack(arrays).astype(np.float64), axis=0)
-        return ordered[k : len(arrays) - k].mean(axis=0)
+    def combine(self, shape: tuple[int, ...], arrays: Iterator[np.ndarray], shares: list[float]) -> np.ndarray:
+        values = np.stack(list(arrays)).astype(np.float64)
+        k = self.trimmed(len(values))
+        return np.sort(values, axis=0)[k : len(values) - k].mean(axis=0)

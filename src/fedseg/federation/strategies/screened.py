@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +66,12 @@ class ScreenedAggregator(Aggregator):
         """How much ``update`` counts before normalisation (finite, >= 0)."""
 
     @abstractmethod
-    def combine(self, arrays: list[np.ndarray], shares: list[float]) -> np.ndarray:
-        """One float tensor of the new global model (float64) from the accepted sites' values and shares."""
+    def combine(self, shape: tuple[int, ...], arrays: Iterator[np.ndarray], shares: list[float]) -> np.ndarray:
+        """One float tensor of the new global model (float64, ``shape``) from the accepted sites' values and shares.
+
+        ``arrays`` reads each site's value from the store when it is next asked for: a strategy that can fold
+        them one at a time holds one at a time (a median must hold them all).
+        """
 
     def start_round(self, global_weights: Mapping[str, np.ndarray]) -> None:
         """Open a round (see :meth:`Aggregator.start_round`); any kept update is forgotten."""
@@ -126,10 +130,10 @@ class ScreenedAggregator(Aggregator):
         return RoundResult(weights, shares, raw, accepted, notes, refused=refused, update_norms=norms)
 
     def _tensor(self, name: str, reference: np.ndarray, sites: list[str], shares: Mapping[str, float]) -> np.ndarray:
-        arrays = [self.store.get(site, name) for site in sites]
+        arrays = (self.store.get(site, name) for site in sites)
         if is_float(reference):
-            return self.combine(arrays, [shares[site] for site in sites])
-        return lower_median_elements(arrays)
+            return self.combine(reference.shape, arrays, [shares[site] for site in sites])
+        return lower_median_elements(list(arrays))
 
     def _shares(self, raw: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
         total = math.fsum(raw.values())

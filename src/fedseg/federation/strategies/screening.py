@@ -48,23 +48,27 @@ __all__ = ["NO_SCREENING", "Screening", "cap_shares", "delta_norm", "norm", "upp
 MIN_FOR_MEDIAN = 3  # fewer updates than this: one liar is half the sample or more
 
 
+def _sum_of_squares(array: np.ndarray) -> float:
+    # in float32 or the tensor's own wider precision: a screening threshold needs no more, and it halves the
+    # memory traffic of a float64 copy (half-precision tensors are widened: their squares overflow at 65504)
+    flat = array.ravel() if array.dtype.itemsize >= 4 else array.ravel().astype(np.float32)
+    return float(np.dot(flat, flat))
+
+
 def delta_norm(global_weights: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of ``weights - global_weights`` over the float tensors, in float64 (inf if it overflows)."""
+    """L2 norm of ``weights - global_weights`` over the float tensors (inf if it overflows)."""
     total = 0.0
-    for name, reference in global_weights.items():
-        if is_float(reference):
-            diff = weights[name].astype(np.float64) - reference.astype(np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, reference in global_weights.items():
+            if is_float(reference):
+                total += _sum_of_squares(np.subtract(weights[name], reference))
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
 def norm(weights: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of the float tensors of ``weights`` (float64)."""
-    total = 0.0
-    for array in weights.values():
-        if is_float(array):
-            flat = array.astype(np.float64).ravel()
-            total += float(np.dot(flat, flat))
+    """L2 norm of the float tensors of ``weights``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = sum(_sum_of_squares(array) for array in weights.values() if is_float(array))
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
