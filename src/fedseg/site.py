@@ -12,7 +12,7 @@ Models are written as model directories usable by ``fedseg predict`` and
 ``fedseg evaluate``::
 
     MODELS_DIR/final/model.json + fold<k>/best.safetensors   the last round's global model
-    MODELS_DIR/best/model.json  + fold<k>/best.safetensors   the best round's (aggregated val Dice)
+    MODELS_DIR/best/model.json  + fold<k>/best.safetensors   the best round's (highest median site val Dice)
     MODELS_DIR/final/evaluation-fold<k>.json                  per-case test Dice, real case names
 
 Each fold's study adds its fold to the same directories, so after the five

@@ -331,7 +331,7 @@ def federate(
         device=device, site_processes=processes,
         on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
     )
-    summary = Table("fold", "rounds", "best round", "best aggregated val Dice", "minutes", title=f"federated → {out / 'model'}")
+    summary = Table("fold", "rounds", "best round", "best val Dice (site median)", "minutes", title=f"federated → {out / 'model'}")
     for run in results:
         summary.add_row(str(run.fold), str(run.rounds), str(run.best_round), f"{run.best_dice:.4f}", f"{run.seconds / 60:.1f}")
     console.print(summary)

@@ -317,7 +317,7 @@ class StudyRun:
             cache=self.out / "cache", threads=self.settings.study.train.threads, resume=True,
         )
         for run in runs:
-            self.say(f"  fl fold {run.fold}: best aggregated val Dice {run.best_dice:.3f} at round "
+            self.say(f"  fl fold {run.fold}: best val Dice (median of the sites) {run.best_dice:.3f} at round "
                      f"{run.best_round + 1}/{run.rounds} ({run.seconds:.0f} s)")
         target = self.model_dir(FL)
         if target.exists():

@@ -279,7 +279,7 @@ def train_frames(round_: int, weights: Weights, epochs: int) -> list[bytes]:
 
 
 def model_frames(name: str, round_: int, weights: Weights, val_dice: float) -> list[bytes]:
-    """MODEL ``"final"`` or ``"best"``: the global model of ``round_`` and its aggregated validation Dice."""
+    """MODEL ``"final"`` or ``"best"``: the global model of ``round_`` and its validation Dice (final: aggregated; best: the median site Dice that chose it)."""
     body = {"model": name, "val_dice": _dice(val_dice)}
     return to_frames(Message(MessageType.MODEL, round=round_, body=body, tensors=weights))
 

@@ -104,9 +104,10 @@ class Screening:
     """The defaults of the round-closing checks (see the module docstring); None turns one off.
 
     Attributes:
-        max_norm_ratio: refuse an update whose change exceeds this many times the round's upper-median change (>= 1; inf = off).
+        max_norm_ratio: refuse an update whose change exceeds this many times the round's reference change (>= 1; inf = off).
         max_site_share: no site's normalised weight above this, with three or more accepted updates (in (0, 1]).
-        norm_floor: the bound's reference is at least this fraction of the global model's norm (>= 0).
+        norm_floor: the reference change is the round's upper-median change, but at least this fraction of the
+            global model's norm (>= 0).
     """
 
     max_norm_ratio: float | None = 5.0

@@ -102,7 +102,7 @@ class _Pump:
         elif isinstance(event, TrainRequested):
             await self._train(connection, event)
         elif isinstance(event, ModelReceived):
-            log.info("received the %s model (round %s, aggregated val Dice %s)", event.name, event.round, event.val_dice)
+            log.info("received the %s model (round %s, val Dice %s)", event.name, event.round, event.val_dice)
             await asyncio.to_thread(self.participant.keep_model, event.name, event.round, event.weights, event.val_dice)
         elif isinstance(event, EvaluateRequested):
             await self._evaluate(connection, event)

@@ -113,11 +113,11 @@ class RoundStore(Protocol):
         ...
 
     def best_score(self) -> tuple[int, float] | None:
-        """(round, aggregated validation Dice) of the best committed round, or None before any."""
+        """(round, score) of the best committed round (its median site validation Dice), or None before any."""
         ...
 
     def best(self) -> tuple[int, float, dict[str, np.ndarray]] | None:
-        """(round, aggregated validation Dice, weights) of the best committed round, or None."""
+        """(round, score, weights) of the best committed round, or None."""
         ...
 
     def save_round(self, completed: RoundCompleted, server_optimizer: dict[str, np.ndarray] | None = None) -> Path:
