@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 from conftest import write_site
 
+from fedseg.errors import FedsegError
 from fedseg.federation.deploy.rundir import RunDir
+from fedseg.io import FolderLock
 
 pytestmark = pytest.mark.slow  # real federate processes on loopback
 
 STUDY_TOML = """
 [federation]
-rounds = 30
+rounds = 60
 round_timeout_s = 60.0
 grace_s = 5.0
 [prepare]
@@ -83,14 +85,10 @@ def test_a_stopped_federate_leaves_no_process_and_resumes(work: Path, tmp_path: 
     first = federate(work, out)
     try:
         wait_for(lambda: committed(out) >= 1, 240, "the first committed round")
-        # one run at a time: a second federate on the same folder is refused, naming the holder
-        second = subprocess.run(
-            [sys.executable, "-m", "fedseg", "federate", *(str(work / s) for s in SITES), "--out", str(out), "--resume",
-             "--config", str(work / "study.toml"), "--cache", str(work / "cache")],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert second.returncode == 1 and f"in use by another fedseg federate (pid {first.pid})" in second.stderr
-        assert len(processes_of(out)) >= 4  # the server and three clients are still running
+        # one run at a time: another process cannot take the folder, and is told who holds it
+        with pytest.raises(FedsegError, match=rf"in use by another fedseg federate \(pid {first.pid}\)"):
+            FolderLock(out, "fedseg federate").acquire()
+        assert len(processes_of(out)) >= 4  # the server and three clients are running
         os.kill(first.pid, how)
         _, err = first.communicate(timeout=60)
     finally:
@@ -105,5 +103,5 @@ def test_a_stopped_federate_leaves_no_process_and_resumes(work: Path, tmp_path: 
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     state = RunDir.open(out / "fold0").read_state()
-    assert state.finished and state.completed_rounds == 30
+    assert state.finished and state.completed_rounds == 60
     assert processes_of(out) == []
