@@ -611,13 +611,10 @@ def malicious_server_section(report: Report) -> None:
 def federate_kill_section(work: Path, report: Report) -> None:
     """SIGTERM and SIGKILL of `fedseg federate` mid-study: no process left, and --resume loses no completed round."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import write_site  # the test suite's tiny sites
+    from conftest import TINY_SITES, write_tiny_study  # the test suite's tiny sites and study
 
-    sites = [write_site(work / "sites" / s, seed=10 * i) for i, s in enumerate(("site_a", "site_b", "site_c"))]
-    toml = work / "study.toml"
-    toml.write_text("[federation]\nrounds = 30\nround_timeout_s = 60.0\ngrace_s = 5.0\n[prepare]\nspacing_mm = 2.0\n"
-                    "[train]\npatch_size = [16, 16, 8]\nbatch_size = 2\nsamples_per_volume = 1\nsw_batch_size = 2\n"
-                    "threads = 1\n[train.augment]\nblur_prob = 0.0\nelastic_prob = 0.0\n")
+    root = write_tiny_study(work / "sites", "rounds = 30\nround_timeout_s = 60.0\ngrace_s = 5.0")
+    sites, toml = [root / name for name in TINY_SITES], root / "study.toml"
     for how in (signal.SIGTERM, signal.SIGKILL):
         out = work / f"federate-{how.name}"
         argv = [sys.executable, "-m", "fedseg", "federate", *map(str, sites), "--out", str(out), "--config", str(toml),
@@ -693,19 +690,14 @@ async def network_dice_section(kits, work, report: Report) -> None:
 def kill_section(work: Path, kills: int, report: Report) -> None:
     """``kills`` random ``kill -9`` of the server or a site during rounds; each restarted as a service manager would."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import write_site
+    from conftest import TINY_SITES, write_tiny_study
 
     rng = random.Random(7)
-    root = work / "kills"
-    names = ("site_a", "site_b", "site_c")
-    sites = {n: write_site(root / "sites" / n, seed=10 * i) for i, n in enumerate(names)}
+    root, names, rounds = work / "kills", TINY_SITES, 40
+    write_tiny_study(root, f"rounds = {rounds}\nround_timeout_s = 20.0\ngrace_s = 2.0")
+    sites, toml = {n: root / n for n in names}, root / "study.toml"
     port = free_port()
     kits = provision_study("localhost", list(names), root / "kits", study="kills", port=port)
-    rounds = 40
-    toml = root / "study.toml"
-    toml.write_text(f"[federation]\nrounds = {rounds}\nround_timeout_s = 20.0\ngrace_s = 2.0\n[prepare]\nspacing_mm = 2.0\n"
-                    "[train]\npatch_size = [16, 16, 8]\nbatch_size = 2\nsamples_per_volume = 1\nsw_batch_size = 2\n"
-                    "threads = 1\n[train.augment]\nblur_prob = 0.0\nelastic_prob = 0.0\n")
     run = root / "run"
     common = ["--config", str(toml), "--cache", str(root / "cache"), "--threads", "1"]
     fedseg = [sys.executable, "-m", "fedseg"]

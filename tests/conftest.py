@@ -138,6 +138,27 @@ def make_site(tmp_path: Path) -> Callable[..., Path]:
     return factory
 
 
+TINY_SITES = ("site_a", "site_b", "site_c")
+
+
+def tiny_study_toml(federation: str, *, samples_per_volume: int = 1) -> str:
+    """study.toml of the tiny end-to-end runs (2 mm, 16x16x8 patches, one thread, no blur or elastic);
+    ``federation``: the [federation] table's lines, e.g. ``"rounds = 5\\nround_timeout_s = 60.0"``."""
+    return (
+        f"[federation]\n{federation.strip()}\n[prepare]\nspacing_mm = 2.0\n[train]\npatch_size = [16, 16, 8]\n"
+        f"batch_size = 2\nsamples_per_volume = {samples_per_volume}\nsw_batch_size = 2\nthreads = 1\n"
+        "[train.augment]\nblur_prob = 0.0\nelastic_prob = 0.0\n"
+    )
+
+
+def write_tiny_study(root: Path, federation: str) -> Path:
+    """The three tiny sites (``root/site_a`` ...) and ``root/study.toml``; returns ``root``."""
+    for k, name in enumerate(TINY_SITES):
+        write_site(root / name, seed=10 * k)
+    (root / "study.toml").write_text(tiny_study_toml(federation))
+    return root
+
+
 def invoke_cli(*args: str | Path) -> tuple[int, str, str]:
     """Run ``fedseg ARGS...`` in-process; returns (exit code, stdout, stderr). Usable from any fixture scope."""
     from fedseg.cli import console as cli_console

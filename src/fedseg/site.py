@@ -182,9 +182,10 @@ class SiteOutputs:
             "federated": {"study": self.study, "model": name, "received_by": self.site.name},
         })
 
-    def _checked(self, name: str, weights: dict[str, np.ndarray]) -> None:
-        """The server's ``name`` model must fit this site's own network exactly and be finite; else nothing is written."""
-        own = build_model(self.train.network).state_dict()
+    def _checked(self, name: str, weights: dict[str, np.ndarray], model: torch.nn.Module | None = None) -> None:
+        """The server's ``name`` model must fit this site's own network (``model``, else a new one) exactly and be
+        finite; else nothing is written."""
+        own = (model if model is not None else build_model(self.train.network)).state_dict()
         problems = [f"missing {n}" for n in own if n not in weights] + [f"unexpected {n}" for n in weights if n not in own]
         for n, tensor in own.items():
             array = weights.get(n)
@@ -210,9 +211,9 @@ class SiteOutputs:
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
         """Per-case Dice of ``weights`` on this site's held-out test cases, on their original grids."""
-        self._checked("evaluated", weights)
         hardware = resolve_hardware(self.train.device, self.train.amp)
         model = build_model(self.train.network)
+        self._checked("evaluated", weights, model)
         model.load_state_dict(weights_from_numpy(weights))
         record = self._record("final")
         ensemble = Ensemble(

@@ -9,30 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke_cli as invoke
-from conftest import write_site
+from conftest import TINY_SITES, tiny_study_toml, write_site, write_tiny_study
 
 from fedseg.federation.deploy.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # fedseg federate: a server and a client process per site on loopback
 
-STUDY_TOML = """
-[federation]
-rounds = 5
-round_timeout_s = 60.0
-grace_s = 5.0
-[prepare]
-spacing_mm = 2.0
-[train]
-patch_size = [16, 16, 8]
-batch_size = 2
-samples_per_volume = 1
-sw_batch_size = 2
-threads = 1
-[train.augment]
-blur_prob = 0.0
-elastic_prob = 0.0
-"""
-SITES = ("site_a", "site_b", "site_c")
+FEDERATION = "rounds = 5\nround_timeout_s = 60.0\ngrace_s = 5.0"
+SITES = TINY_SITES
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,11 +29,7 @@ def commands():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("federate")
-    for k, name in enumerate(SITES):
-        write_site(root / name, seed=10 * k)
-    (root / "study.toml").write_text(STUDY_TOML)
-    return root
+    return write_tiny_study(tmp_path_factory.mktemp("federate"), FEDERATION)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +136,7 @@ def test_resume_of_a_finished_run_trains_no_more(federated):
 def test_fedprox_clients_and_fedadam_server(tmp_path, work):
     """FedProx on the clients and FedAdam on the server run end to end; the moments are kept and reloaded."""
     config = tmp_path / "prox.toml"
-    config.write_text(STUDY_TOML.replace("grace_s = 5.0", 'grace_s = 5.0\nfedprox_mu = 0.01\nserver_optimizer = "fedadam"'))
+    config.write_text(tiny_study_toml(FEDERATION + '\nfedprox_mu = 0.01\nserver_optimizer = "fedadam"'))
     run = tmp_path / "run"
     code, stdout, err = invoke("federate", work / "site_a", work / "site_b", "--out", run, "--rounds", "1",
                                "--config", config, "--cache", work / "cache", "--threads", "1")

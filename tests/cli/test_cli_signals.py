@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_site
+from conftest import TINY_SITES, write_tiny_study
 
 from fedseg.errors import FedsegError
 from fedseg.federation.deploy.rundir import RunDir
@@ -18,33 +18,13 @@ from fedseg.io import FolderLock
 
 pytestmark = pytest.mark.slow  # real federate processes on loopback
 
-STUDY_TOML = """
-[federation]
-rounds = 60
-round_timeout_s = 60.0
-grace_s = 5.0
-[prepare]
-spacing_mm = 2.0
-[train]
-patch_size = [16, 16, 8]
-batch_size = 2
-samples_per_volume = 1
-sw_batch_size = 2
-threads = 1
-[train.augment]
-blur_prob = 0.0
-elastic_prob = 0.0
-"""
-SITES = ("site_a", "site_b", "site_c")
+ROUNDS = 60
+SITES = TINY_SITES
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("signals")
-    for k, name in enumerate(SITES):
-        write_site(root / name, seed=10 * k)
-    (root / "study.toml").write_text(STUDY_TOML)
-    return root
+    return write_tiny_study(tmp_path_factory.mktemp("signals"), f"rounds = {ROUNDS}\nround_timeout_s = 60.0\ngrace_s = 5.0")
 
 
 def federate(work: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -103,5 +83,5 @@ def test_a_stopped_federate_leaves_no_process_and_resumes(work: Path, tmp_path: 
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     state = RunDir.open(out / "fold0").read_state()
-    assert state.finished and state.completed_rounds == 60
+    assert state.finished and state.completed_rounds == ROUNDS
     assert processes_of(out) == []

@@ -36,7 +36,8 @@ def _passphrase(path: Path | None) -> bytes | None:
         return None
     if path.stat().st_mode & 0o077:
         raise FedsegError(f"{path} may be read by others; run: chmod 600 {path}")
-    line = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.read_text(encoding="utf-8").strip() else ""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    line = lines[0].strip() if lines else ""
     if len(line) < 8:
         raise FedsegError(f"{path}: the passphrase must be at least 8 characters")
     return line.encode("utf-8")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import write_site
+from conftest import tiny_study_toml, write_site
 
 from fedseg.federation.deploy.local import fedseg_command, free_port
 from fedseg.federation.deploy.provision import provision_study
@@ -40,23 +40,6 @@ POLL_S = 0.2
 START_TIMEOUT_S = 240.0  # until the wanted rounds are committed (process start, preparing the sites, training)
 FINISH_TIMEOUT_S = 300.0  # until every process has exited after the crash
 REJOIN_TIMEOUT_S = 50.0  # < websockets' ping interval + timeout (80 s), so the frozen clients stay connected
-STUDY_TOML = """
-[federation]
-round_timeout_s = 120.0
-grace_s = 5.0
-{extra}
-[prepare]
-spacing_mm = 2.0
-[train]
-patch_size = [16, 16, 8]
-batch_size = 2
-samples_per_volume = 8
-sw_batch_size = 2
-threads = 1
-[train.augment]
-blur_prob = 0.0
-elastic_prob = 0.0
-"""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,7 +71,7 @@ class Study:
         self.kits = tmp_path / "kits"
         provision_study("localhost", list(SITES), self.kits, study="crash", port=self.port)
         self.config = tmp_path / "study.toml"
-        self.config.write_text(STUDY_TOML.format(extra=federation))
+        self.config.write_text(tiny_study_toml(f"round_timeout_s = 120.0\ngrace_s = 5.0\n{federation}", samples_per_volume=8))
         self.run = tmp_path / "run"
         self.logs = tmp_path / "logs"
         self.audit = tmp_path / "audit"

@@ -37,7 +37,7 @@ from fedseg.federation.transport.kit import CRL_FILE, KIT_FILES, KIT_FORMAT, Key
 from fedseg.io import dumps_json, write_json
 
 __all__ = [
-    "ISSUED_FILE", "issued_entry", "prepare_out", "readme", "server_url", "write_kits", "write_participant",
+    "ISSUED_FILE", "issued_entry", "prepare_out", "readme", "server_url", "study_json", "write_kits", "write_participant",
     "write_site_kit",
 ]
 
@@ -175,7 +175,7 @@ def _make_dir(path: Path) -> Path:
     return path
 
 
-def _study_json(doc: dict[str, Any]) -> bytes:
+def study_json(doc: dict[str, Any]) -> bytes:
     # sorted keys, two-space indent: the same bytes kits have always had
     return (dumps_json(dict(sorted(doc.items())), indent=2) + "\n").encode()
 
@@ -198,7 +198,7 @@ def write_participant(
     _write_secret(folder / key_name, key)
     _write_public(folder / cert_name, _pem_cert(cert))
     _write_public(folder / "ca.pem", ca_pem)
-    _write_public(folder / "study.json", _study_json(doc))
+    _write_public(folder / "study.json", study_json(doc))
     _write_public(folder / "README.txt", _participant_readme(folder, doc).encode())
     logger.info("wrote %s kit %s", role, folder)
     return folder

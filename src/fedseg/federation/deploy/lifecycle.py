@@ -21,7 +21,6 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fedseg.errors import FedsegError
@@ -35,11 +34,13 @@ from fedseg.federation.deploy.kits import (
     ISSUED_FILE,
     issued_entry,
     prepare_out,
+    study_json,
     write_participant,
     write_site_kit,
 )
 from fedseg.federation.transport.kit import CRL_FILE, Kit, load_kit, validate_site_names
-from fedseg.io import append_jsonl, dumps_json, read_json, read_jsonl, write_json, write_text
+from fedseg.federation.transport.tls import Revocations
+from fedseg.io import append_jsonl, read_json, read_jsonl, write_json, write_text
 
 __all__ = ["CHANGES_FILE", "add_site", "explained_site_change", "renew", "revoke"]
 
@@ -75,8 +76,7 @@ def _server_kit(path: Path) -> Kit:
 
 
 def _set_sites(kit: Kit, sites: list[str]) -> None:
-    doc = {**kit.study, "sites": sorted(sites)}
-    write_text(kit.directory / "study.json", dumps_json(dict(sorted(doc.items())), indent=2) + "\n")
+    write_text(kit.directory / "study.json", study_json({**kit.study, "sites": sorted(sites)}).decode())
 
 
 def add_site(ca: Path, server_kit: Path, site: str, out: Path, *, days: int = 825, passphrase: bytes | None = None) -> Path:
@@ -144,9 +144,7 @@ def revoke(ca: Path, server_kit: Path, name: str, *, remove: bool = False, passp
     if not serials:
         raise FedsegError(f"{Path(ca) / ISSUED_FILE} lists no certificate issued to {name!r}")
     crl_path = kit.directory / CRL_FILE
-    earlier: list[int] = []
-    if crl_path.is_file():
-        earlier = [revoked.serial_number for revoked in x509.load_pem_x509_crl(crl_path.read_bytes())]
+    earlier = Revocations(crl_path, kit.ca).serials()  # the list so far, its signature checked as the server does
     crl = revocation_list(ca_key, ca_cert, [*earlier, *serials])
     write_text(crl_path, crl.public_bytes(serialization.Encoding.PEM).decode())
     if remove and name in kit.allowed_sites:
