@@ -191,10 +191,13 @@ def _print_summary(run: RunDir) -> None:
     """Every committed round of the run, the final model's test Dice per site, and the best round."""
     from rich.table import Table
 
-    summary = Table("round", "aggregated val Dice", "sites", "left out", title=f"federated study → {run.root}")
-    for entry in run.round_records():
+    records = run.round_records()
+    secure = " (secure aggregation: aggregate values only)" if any(r.secure_aggregation for r in records) else ""
+    summary = Table("round", "aggregated val Dice", "sites", "left out", title=f"federated study → {run.root}{secure}")
+    for entry in records:
         left = ", ".join(f"{s} ({why})" for s, why in sorted(entry.left_out.items())) or "-"
-        summary.add_row(str(entry.round), f"{entry.aggregated_val_dice:.4f}", ", ".join(sorted(entry.sites)), left)
+        sites = sorted(entry.sites) or sorted(entry.arrival_order)  # secure: no per-site entry, the contributors only
+        summary.add_row(str(entry.round), f"{entry.aggregated_val_dice:.4f}", ", ".join(sites), left)
     console.print(summary)
     evaluation = run.evaluation()
     if evaluation is not None:
@@ -280,6 +283,7 @@ def client(
                 share_case_names=share_case_names, settings=study.site_settings(fold),
                 limits=SiteLimits(study.federation.local_epochs, rounds or study.federation.rounds),
                 model_bytes=sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values()),
+                secure=study.federation.secure_settings(),
             )
         )
     console.print(f"[green]done[/]: site {site_kit.name} trained {trainer.epoch} round(s) on fold {fold} "

@@ -16,6 +16,9 @@ round_timeout_s = 3600.0
 grace_s = 60.0
 fedprox_mu = 0.0         # > 0: FedProx proximal term in every site's local loss
 evaluate = true          # at the end, every site tests the final model on its held-out cases
+secure_aggregation = false   # true: the server learns only the weighted sum of the updates (protocol/secagg)
+secure_threshold = 2     # secure aggregation: shares needed to unmask (default: a majority of the round's sites)
+clip_ratio = 2.5         # secure aggregation: each site clips its change to 2.5 x the global model's norm
 
 [train]                  # every site's local trainer (TrainConfig)
 [prepare]                # preprocessing (PrepareConfig)
@@ -35,9 +38,11 @@ from pydantic import Field, field_validator, model_validator
 
 from fedseg.data.preprocess import PrepareConfig
 from fedseg.errors import FedsegError
+from fedseg.federation.protocol.secagg import SecureSettings
 from fedseg.federation.strategies import (
     AGGREGATORS,
     SERVER_OPTIMIZERS,
+    WEIGHTINGS,
     Aggregator,
     Screening,
     UpdateStore,
@@ -74,6 +79,13 @@ class FederationConfig(Table):
         fedprox_mu: FedProx coefficient used by the clients (0 = off).
         evaluate: after the last round, each site tests the final model on its
             held-out test cases and returns per-case Dice (kept in evaluation.json).
+        secure_aggregation: pairwise-masked secure aggregation: the server unmasks only the weighted
+            sum of the sites' updates (and the sums of their weights and Dice). Needs a weighted-mean
+            aggregator; the server's norm bound and share cap give way to clipping at each site.
+        secure_threshold: secure aggregation: how many sites' shares unmask a round (>= 2); None: a
+            majority of the round's sites. Up to (sites - threshold) may drop out after masking.
+        clip_ratio: secure aggregation: each site scales its change from the global model down to at most
+            this many times the global model's norm before masking (the server cannot check it).
     """
 
     toml_table = "federation"
@@ -92,6 +104,9 @@ class FederationConfig(Table):
     grace_s: Seconds = 60.0
     fedprox_mu: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 0.0
     evaluate: Bool = True
+    secure_aggregation: Bool = False
+    secure_threshold: Annotated[Integer, Field(ge=2)] | None = None
+    clip_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True), must_be("a finite number > 0")] = 2.5
 
     @field_validator("aggregator")
     @classmethod
@@ -106,6 +121,15 @@ class FederationConfig(Table):
         if name is not None and name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown {name!r}; choose one of: {', '.join(SERVER_OPTIMIZERS)}")
         return name
+
+    @model_validator(mode="after")
+    def _secure_needs_a_mean(self) -> FederationConfig:
+        if self.secure_aggregation and self.aggregator not in WEIGHTINGS:
+            raise ValueError(
+                f"{self.toml_table}.aggregator {self.aggregator!r} needs every site's update, which "
+                f"{self.toml_table}.secure_aggregation hides from the server; choose one of: {', '.join(WEIGHTINGS)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _options_fit_the_optimizer(self) -> FederationConfig:
@@ -123,8 +147,14 @@ class FederationConfig(Table):
         screening = Screening(self.max_norm_ratio, self.max_site_share, self.norm_floor)
         return make_aggregator(
             self.aggregator, self.server_optimizer, screening=screening, store=store, trim_fraction=self.trim_fraction,
-            **self.server_optimizer_options,
+            secure=self.secure_aggregation, **self.server_optimizer_options,
         )
+
+    def secure_settings(self) -> SecureSettings | None:
+        """What server and sites agree on for secure aggregation, or None when it is off."""
+        if not self.secure_aggregation:
+            return None
+        return SecureSettings(self.aggregator, self.clip_ratio, self.secure_threshold)
 
     def quorum(self, n_sites: int) -> int:
         """``min_sites``, or every site when unset."""
@@ -152,7 +182,11 @@ class StudyConfig(Table):
     def site_settings(self, fold: int) -> dict[str, Any]:
         """What every site must share with the server (sent in WELCOME; threads, device and the like are each machine's own)."""
         train = self.train.without_machine_options()
-        return {"fold": fold, "fedprox_mu": self.federation.fedprox_mu, "train": train, "prepare": self.prepare.to_dict()}
+        settings = {"fold": fold, "fedprox_mu": self.federation.fedprox_mu, "train": train, "prepare": self.prepare.to_dict()}
+        secure = self.federation.secure_settings()
+        if secure is not None:  # a site without it (or with other values) refuses the server's WELCOME
+            settings["secure_aggregation"] = secure.to_dict()
+        return settings
 
 
 def load_study_config(path: Path | None) -> StudyConfig:

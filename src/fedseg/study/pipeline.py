@@ -309,7 +309,8 @@ class StudyRun:
             return
         self._starting_weights()  # the server starts the global model from them
         federation = self.settings.study.federation
-        self.say(f"federate: {len(folds)} folds x {federation.rounds} rounds, {federation.aggregator}, "
+        secure = ", secure aggregation" if federation.secure_aggregation else ""
+        self.say(f"federate: {len(folds)} folds x {federation.rounds} rounds, {federation.aggregator}{secure}, "
                  f"server + {len(self.sites)} site processes over mutual TLS on 127.0.0.1")
         start = time.perf_counter()
         runs = run_local(

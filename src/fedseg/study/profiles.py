@@ -132,6 +132,7 @@ class Settings:
             + f"; FL: {federation.rounds} rounds of "
             + ("one local epoch" if federation.local_epochs == 1 else f"{federation.local_epochs} local epochs")
             + f", aggregator {federation.aggregator}",
+            *([_secure_line(federation)] if federation.secure_aggregation else []),
             f"{self.plan.workers} training process(es) at once, {train.threads or 'all'} torch thread(s) each, "
             f"on {resolve_hardware(train.device, train.amp).describe(threads=False)}",
         ]
@@ -235,3 +236,11 @@ def load_settings(profile: str = "demo", config: Path | None = None) -> Settings
     source = str(config) if config is not None else f"profile {profile}"
     tables = StudyTables.from_dict(_merged(profile, overrides), source)
     return Settings(profile, tables.study, StudyConfig(tables.federation, tables.train, tables.prepare))
+
+
+def _secure_line(federation: FederationConfig) -> str:
+    threshold = federation.secure_threshold or "a majority of the sites"
+    return (
+        "secure aggregation: on (pairwise masks; the server unmasked only the weighted sum of the sites' updates; "
+        f"threshold {threshold}; each site clipped its change to {federation.clip_ratio:g} x the global model's norm)"
+    )

@@ -64,6 +64,35 @@ EXAMPLES: dict[MessageType, Message] = {
 }
 
 
+def _secure_examples() -> dict[MessageType, Message]:
+    """One real message of each secure-aggregation type, from a round between three numpy sites."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from secagg_helpers import Harness
+
+    g = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    h = Harness(g, ["nci", "suny", "ucla"])
+    sent: dict[MessageType, Message] = {}
+    for site in h.sites:
+        h.send(site, h.site_rounds[site].keys_message())
+    for site in h.sites:
+        sent[MessageType.ROSTER] = roster = h.inbox.pop(site)[0]
+        h.send(site, h.site_rounds[site].on_roster(roster))
+    for site in h.sites:
+        sent[MessageType.DEALT] = dealt = h.inbox.pop(site)[0]
+        h.site_rounds[site].on_dealt(dealt)
+        h.send(site, h.site_rounds[site].masked_message(g, 5, 0.5)[0])
+    for site in h.sites:
+        sent[MessageType.UNMASK] = unmask = h.inbox.pop(site)[0]
+        h.send(site, h.site_rounds[site].on_unmask(unmask))
+    return sent | {m.type: m for m in h.seen_by_server}
+
+
+EXAMPLES.update(_secure_examples())
+
+
 def raw_frame(header: Any, payload: bytes = b"", *, magic: bytes = b"FSG1") -> bytes:
     """A frame built by hand, bypassing encode()'s checks."""
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()

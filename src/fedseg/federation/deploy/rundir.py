@@ -68,11 +68,14 @@ class SiteRound(Record):
 class RoundRecord(Record):
     """``rounds/<n>/round.json``: what a committed round aggregated, and how."""
 
-    optional_keys = ("median_val_dice", "refused", "late_updates", "update_norms")
+    optional_keys = ("median_val_dice", "refused", "late_updates", "update_norms", "secure_aggregation", "mean_val_dice")
 
     round: int
     aggregated_val_dice: float  # site Dice weighted by the aggregation weights (what the paper reports)
     median_val_dice: float | None = None  # lower median of the sites' Dice: the score that picks the best round
+    # secure aggregation: the server learnt sums only, so no per-site entry; the mean site Dice picks the best round
+    secure_aggregation: bool = False
+    mean_val_dice: float | None = None
     site_weights: dict[str, float]
     raw_weights: dict[str, float] = {}
     arrival_order: list[str] = []
@@ -85,8 +88,10 @@ class RoundRecord(Record):
 
     @property
     def score(self) -> float:
-        """What the best round is chosen by: the median Dice (older runs: the aggregated one)."""
-        return self.aggregated_val_dice if self.median_val_dice is None else self.median_val_dice
+        """What the best round is chosen by: the median Dice (secure aggregation: the mean; older runs: the aggregated one)."""
+        if self.median_val_dice is not None:
+            return self.median_val_dice
+        return self.aggregated_val_dice if self.mean_val_dice is None else self.mean_val_dice
 
 
 class SiteEvaluation(Record):
@@ -131,13 +136,22 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def aggregated_dice(completed: RoundCompleted) -> float:
-    """The round's validation Dice: site Dice weighted by the aggregation weights."""
+    """The round's validation Dice: site Dice weighted by the aggregation weights (secure: from the unmasked sums)."""
+    sums = completed.result.secure_sums
+    if sums is not None:
+        return float(sums["weighted_dice"] / sums["weight"])
     weights = completed.result.site_weights
     return float(sum(weights[site] * completed.updates[site].val_dice for site in weights))
 
 
 def round_score(completed: RoundCompleted) -> float:
-    """The lower median of the aggregated sites' validation Dice: no one site can raise it alone (with >= 3 sites)."""
+    """The lower median of the aggregated sites' validation Dice: no one site can raise it alone (with >= 3 sites).
+
+    Under secure aggregation the server knows the sum of the sites' Dice only: the score is their mean.
+    """
+    sums = completed.result.secure_sums
+    if sums is not None:
+        return float(sums["dice"] / sums["count"])
     return float(statistics.median_low([update.val_dice for update in completed.updates.values()]))
 
 
@@ -256,10 +270,13 @@ class RunDir:
 
 
 def _round_record(completed: RoundCompleted, dice: float, score: float) -> RoundRecord:
+    secure = completed.result.secure_sums is not None
     return RoundRecord(
         round=completed.round,
         aggregated_val_dice=dice,
-        median_val_dice=score,
+        median_val_dice=None if secure else score,
+        secure_aggregation=secure,
+        mean_val_dice=score if secure else None,
         site_weights=completed.result.site_weights,
         raw_weights=completed.result.raw_weights,
         arrival_order=list(completed.result.sites),

@@ -47,6 +47,9 @@ MAX_TEXT = 4096  # free text such as an error's "reason"
 MAX_ITEMS = 100_000  # entries of one JSON list or object
 MAX_DEPTH = 8  # nesting of free-form "config" objects
 MAX_INT = 2**63 - 1
+MAX_SITES = 1024  # sites named in one secure-aggregation message
+SHARE_BYTES = 66  # one Shamir share: an element of GF(2^521 - 1)
+SHARE_CIPHERTEXT_BYTES = 12 + 2 * SHARE_BYTES + 16  # AES-GCM nonce + (seed share, key share) + tag
 CHUNK_OVERHEAD = 512  # bytes a CHUNK frame adds around its slice (~170 used)
 
 PING_INTERVAL_S = 20.0

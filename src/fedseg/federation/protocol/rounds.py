@@ -41,11 +41,15 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
 from fedseg.errors import FedsegError
-from fedseg.federation.strategies import Aggregator, RoundResult, Update, UpdateRejected
+from fedseg.federation.protocol.schemas import Message
+from fedseg.federation.protocol.secagg import SecureRound, SecureSettings
+from fedseg.federation.protocol.secagg.server import Broadcast, SecureAction, SecureFailed, SecureOutcome, SecureRefusal
+from fedseg.federation.strategies import Aggregator, RoundResult, Update, UpdateRejected, secure_mean_of
 
 
 class Phase(IntEnum):
@@ -66,8 +70,13 @@ class RoundsConfig:
     evaluate: bool = True  # final step: ask each site for per-case Dice of the final model
     # training cases the coordinator declared per site (fedseg provision --cases): a site claiming more is refused
     declared_samples: Mapping[str, int] = field(default_factory=dict)
+    # secure aggregation (None: off) and the study CA its relayed round keys are checked against
+    secure: SecureSettings | None = None
+    study_ca: Any = None  # cryptography.x509.Certificate
 
     def __post_init__(self) -> None:
+        if self.secure is not None and (self.study_ca is None or len(self.sites) < 2):
+            raise FedsegError("secure aggregation needs at least 2 sites and the study CA's certificate")
         if not 1 <= self.min_sites <= len(self.sites):
             raise FedsegError(f"min_sites must be between 1 and {len(self.sites)} (the number of sites), got {self.min_sites}")
         if self.rounds < 1:
@@ -80,6 +89,14 @@ class SendTrain:
 
     site: str
     round: int
+
+
+@dataclass(frozen=True)
+class SendSecure:
+    """Send a secure-aggregation ``message`` (ROSTER, DEALT, UNMASK) to each of ``sites``."""
+
+    sites: tuple[str, ...]
+    message: Message
 
 
 @dataclass(frozen=True)
@@ -136,7 +153,7 @@ class StudyFailed:
     public_reason: str
 
 
-Action = SendTrain | UpdateRefused | RoundCompleted | SendFinal | EvaluationCompleted | StudyDone | StudyFailed
+Action = SendTrain | SendSecure | UpdateRefused | RoundCompleted | SendFinal | EvaluationCompleted | StudyDone | StudyFailed
 
 
 @dataclass
@@ -184,6 +201,7 @@ class ServerRounds:
         self._samples: dict[str, int] = {}  # each site's num_samples, pinned at its first accepted update
         self.phase = Phase.DONE if finished and first_round >= config.rounds else Phase.WAITING
         self._round: _OpenRound | None = None
+        self._secure: SecureRound | None = None  # the open round's secure aggregation, when on
 
     @property
     def quorum_reached(self) -> bool:
@@ -233,6 +251,9 @@ class ServerRounds:
                 current.late.append(f"{site}: {unexpected}")
             return [UpdateRefused(site, round_number, unexpected)]
         assert current is not None
+        if self._secure is not None:
+            reason = "this study aggregates securely: send a masked update, not plain weights"
+            return [UpdateRefused(site, current.number, reason), *self._refuse(site, reason)]
         claim = self._false_claim(site, update)
         if claim is not None:
             return [UpdateRefused(site, current.number, claim), *self._refuse(site, claim)]
@@ -246,6 +267,20 @@ class ServerRounds:
         current.updates[site] = dataclasses.replace(update, weights={})
         self._samples.setdefault(site, update.num_samples)
         return self._maybe_complete()
+
+    def secure_received(self, site: str, message: Message) -> list[Action]:
+        """A site's KEYS, SHARES, MASKED or REVEAL message for the open round (secure aggregation)."""
+        current, secure = self._round, self._secure
+        number = int(message.round) if message.round is not None else -1
+        unexpected = self._unexpected(site, number, secure=True)
+        if unexpected is None and secure is None:
+            unexpected = "this study does not aggregate securely"
+        if unexpected is not None:
+            if current is not None and not current.final:
+                current.late.append(f"{site}: {message.type.name}: {unexpected}")
+            return [UpdateRefused(site, number, unexpected)]
+        assert secure is not None
+        return self._secure_actions(secure.received(site, message))
 
     def round_failed(self, site: str, round_number: int, reason: str) -> list[Action]:
         """``site`` could not train round ``round_number`` (e.g. a NaN loss); it stays in the study."""
@@ -267,20 +302,30 @@ class ServerRounds:
         current = self._round
         if current is None or current.number != round_number:
             return []
+        if self._secure is not None:
+            stage = self._secure.stage.name
+            actions: list[Action] = []
+            for site in sorted(self._secure.pending):
+                actions += self._leave_out(site, f"timed out (secure aggregation, stage {stage})")
+            return actions
         for site in sorted(current.pending):
             current.left_out[site] = "timed out"
         return self._maybe_complete()
 
     # ---------------------------------------------------------------- internals
 
-    def _unexpected(self, site: str, round_number: int) -> str | None:
-        """Why an update for ``round_number`` from ``site`` is not one the open round waits for, or None."""
+    def _unexpected(self, site: str, round_number: int, *, secure: bool = False) -> str | None:
+        """Why an update for ``round_number`` from ``site`` is not one the open round waits for, or None.
+
+        ``secure``: a secure-aggregation message, of which a site sends several per round (its stage is
+        checked by :class:`SecureRound`).
+        """
         current = self._round
         if current is None or current.final:
             return f"update for round {round_number} while no training round is open"
         if round_number != current.number:
             return f"update for round {round_number}, but the open round is {current.number}"
-        if site in current.updates or site in current.refused:
+        if not secure and (site in current.updates or site in current.refused):
             return f"a second update for round {round_number}"
         if site not in current.asked:
             return f"this site was not asked to train round {round_number} (it joined after the round started)"
@@ -307,10 +352,37 @@ class ServerRounds:
 
     def _leave_out(self, site: str, reason: str) -> list[Action]:
         current = self._round
+        if current is not None and self._secure is not None:
+            if site not in self._secure.pending:
+                return []  # its masked update is in the sum already, or it was left out before
+            current.left_out[site] = reason
+            return self._secure_actions(self._secure.left(site, reason))
         if current is None or site not in current.pending:
             return []
         current.left_out[site] = reason
         return self._maybe_complete()
+
+    def _secure_actions(self, outputs: list[SecureAction]) -> list[Action]:
+        """The round machine's actions for what the open round's secure aggregation did."""
+        current = self._round
+        assert current is not None
+        actions: list[Action] = []
+        for output in outputs:
+            if isinstance(output, Broadcast):
+                actions.append(SendSecure(output.sites, output.message))
+            elif isinstance(output, SecureRefusal):
+                actions.append(UpdateRefused(output.site, current.number, output.reason))
+                if not output.in_sum:
+                    current.refused[output.site] = output.reason
+                    current.left_out[output.site] = f"update refused: {output.reason}"
+            elif isinstance(output, SecureFailed):
+                self._secure = None
+                return [*actions, *self._fail_round(current, output.reason)]
+            elif isinstance(output, SecureOutcome):
+                self._secure = None
+                secure_mean_of(self.aggregator).set_mean(output.mean, output.sites, output.sums, output.notes)
+                return [*actions, *self._complete(current, self.aggregator.finish(), {})]
+        return actions
 
     def _start_round(self) -> list[Action]:
         if self.next_round >= self.config.rounds:
@@ -318,6 +390,11 @@ class ServerRounds:
         self.phase = Phase.TRAINING
         self._round = _OpenRound(self.next_round, set(self.connected))
         self.aggregator.start_round(self.global_weights)
+        if self.config.secure is not None:
+            self._secure = SecureRound(
+                self.next_round, set(self.connected), self.config.secure, self.global_weights, self.config.study_ca,
+                self.config.min_sites,
+            )
         return [SendTrain(site, self.next_round) for site in sorted(self.connected)]
 
     def _start_final(self) -> list[Action]:
@@ -348,19 +425,27 @@ class ServerRounds:
             current.left_out[site] = f"update refused: {reason}"
         if len(current.updates) < self.config.min_sites:
             return [*refusals, *self._fail_round(current)]
+        return [*refusals, *self._complete(current, result, dict(current.updates))]
+
+    def _complete(self, current: _OpenRound, result: RoundResult, updates: dict[str, Update]) -> list[Action]:
+        """Round ``current`` aggregated into ``result``: commit it, then open the next round (or the final step)."""
+        self._round = None
         self.global_weights = result.weights
         completed = RoundCompleted(
-            current.number, result, dict(current.updates), dict(current.left_out), dict(current.refused), list(current.late)
+            current.number, result, updates, dict(current.left_out), dict(current.refused), list(current.late)
         )
-        actions: list[Action] = [*refusals, completed]
+        actions: list[Action] = [completed]
         self.next_round = current.number + 1
         self.phase = Phase.WAITING
         if len(self.connected) >= self.config.min_sites:
             actions.extend(self._start_round())
         return actions
 
-    def _fail_round(self, current: _OpenRound) -> list[Action]:
+    def _fail_round(self, current: _OpenRound, secure_reason: str | None = None) -> list[Action]:
         self.phase = Phase.FAILED
+        self._round = None
+        if secure_reason is not None:
+            return [StudyFailed(secure_reason, f"round {current.number}: secure aggregation could not unmask the sum; the study stopped")]
         missing = "; ".join(f"{site}: {why}" for site, why in sorted(current.left_out.items()))
         counts = f"round {current.number}: {len(current.updates)} update(s) accepted, min_sites is {self.config.min_sites}"
         return [StudyFailed(f"{counts} ({missing or 'no site answered'})", f"{counts}; the study stopped")]

@@ -25,6 +25,9 @@ from fedseg.federation.protocol.constants import (
     MAX_INT,
     MAX_ITEMS,
     MAX_NAME,
+    MAX_SITES,
+    SHARE_BYTES,
+    SHARE_CIPHERTEXT_BYTES,
     MAX_TENSORS,
     MAX_TEXT,
 )
@@ -143,6 +146,53 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
+def _hex(n_bytes: int | None = None, max_bytes: int = 1024) -> Check:
+    """Lowercase hex of exactly ``n_bytes`` bytes (or 1..``max_bytes``)."""
+
+    def check(path: str, value: Any) -> None:
+        size = len(value) // 2 if isinstance(value, str) else -1
+        ok = isinstance(value, str) and len(value) % 2 == 0 and re.fullmatch(r"[0-9a-f]*", value) is not None
+        ok = ok and (size == n_bytes if n_bytes is not None else 0 < size <= max_bytes)
+        if not ok:
+            want = f"{n_bytes} bytes" if n_bytes is not None else f"1..{max_bytes} bytes"
+            raise BadMessage(f"{path} must be lowercase hex of {want}, got {show(value)}")
+
+    return check
+
+
+def _object(required: Mapping[str, Check]) -> Check:
+    """A JSON object with exactly these keys."""
+
+    def check(path: str, value: Any) -> None:
+        if not isinstance(value, dict) or value.keys() != required.keys():
+            raise BadMessage(f"{path} must be an object with the keys {sorted(required)}, got {show(value)}")
+        for key, item_check in required.items():
+            item_check(f"{path}.{key}", value[key])
+
+    return check
+
+
+def _by_site(value_check: Check) -> Check:
+    """A JSON object {site name: value}."""
+
+    def check(path: str, value: Any) -> None:
+        if not isinstance(value, dict) or len(value) > MAX_SITES:
+            raise BadMessage(f"{path} must be an object of at most {MAX_SITES} sites, got {show(value)}")
+        for key, item in value.items():
+            _site(f"{path} key", key)
+            value_check(f"{path}.{key}", item)
+
+    return check
+
+
+def _sites(path: str, value: Any) -> None:
+    """A list of distinct site names."""
+    if not isinstance(value, list) or len(value) > MAX_SITES or len(set(map(str, value))) != len(value):
+        raise BadMessage(f"{path} must be a list of at most {MAX_SITES} distinct site names, got {show(value)}")
+    for i, item in enumerate(value):
+        _site(f"{path}[{i}]", item)
+
+
 def _uuid_hex(path: str, value: Any) -> None:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
         raise BadMessage(f"{path} must be 32 lowercase hex digits, got {show(value)}")
@@ -166,6 +216,14 @@ class MessageType(Enum):
     ERROR = "ERROR"  # either way: the session ends, code + reason
     DONE = "DONE"  # server -> site: the study is over
     CHUNK = "CHUNK"  # a slice of a message too big for one frame
+    # secure aggregation (protocol/secagg), one round: KEYS -> ROSTER -> SHARES -> DEALT -> MASKED -> UNMASK -> REVEAL
+    KEYS = "KEYS"  # site -> server: this round's public keys, signed with the site's certificate key
+    ROSTER = "ROSTER"  # server -> sites: every keyed site's signed keys, the threshold, the clip bound
+    SHARES = "SHARES"  # site -> server: its secrets' shares, encrypted to each roster site
+    DEALT = "DEALT"  # server -> site: the shares dealt to it, and who dealt
+    MASKED = "MASKED"  # site -> server: the masked, weighted, clipped update (ring elements)
+    UNMASK = "UNMASK"  # server -> sites: who sent a masked update and who dropped out
+    REVEAL = "REVEAL"  # site -> server: the shares that unmask the sum (seeds of survivors, keys of dropouts)
 
 
 class Need(Enum):
@@ -205,6 +263,12 @@ def _chunk_rule(body: Mapping[str, Any]) -> None:
 
 
 R, O, F = Need.REQUIRED, Need.OPTIONAL, Need.FORBIDDEN
+_KEYS_BODY = {
+    "cipher_pk": _hex(32), "mask_pk": _hex(32), "commitment": _hex(32), "signature": _hex(max_bytes=160),
+    "certificate": _text(),
+}
+_SHARE = _hex(SHARE_CIPHERTEXT_BYTES)
+_SECRET_SHARE = _hex(SHARE_BYTES)
 _ERROR_BODY = {"code": _code, "reason": _text()}
 _METRICS = _scores(_float())
 _MODEL_NAME = _one_of("final", "best")
@@ -227,6 +291,19 @@ SCHEMAS: dict[MessageType, _Schema] = {
     MessageType.HEARTBEAT: _Schema(O, O, F, {}, {"seq": _int()}),
     MessageType.ERROR: _Schema(O, O, F, _ERROR_BODY, rule=_no_internal_detail),
     MessageType.DONE: _Schema(O, O, F, {}, {"rounds": _int(), "best_round": _int(), "best_dice": _float(0.0, 1.0)}),
+    MessageType.KEYS: _Schema(R, R, F, _KEYS_BODY),
+    MessageType.ROSTER: _Schema(
+        R, O, F,
+        {"threshold": _int(2), "clip_norm": _float(0.0, open_lo=True), "fraction_bits": _int(1),
+         "sites": _by_site(_object(_KEYS_BODY))},
+    ),
+    MessageType.SHARES: _Schema(
+        R, R, F, {"shares": _by_site(_object({"ciphertext": _SHARE, "seed_digest": _hex(32), "key_digest": _hex(32)}))}
+    ),
+    MessageType.DEALT: _Schema(R, O, F, {"sites": _sites, "shares": _by_site(_SHARE)}),
+    MessageType.MASKED: _Schema(R, R, R, {"fraction_bits": _int(1)}),
+    MessageType.UNMASK: _Schema(R, O, F, {"survivors": _sites, "dropped": _sites}),
+    MessageType.REVEAL: _Schema(R, R, F, {"seeds": _by_site(_SECRET_SHARE), "keys": _by_site(_SECRET_SHARE)}),
     MessageType.CHUNK: _Schema(
         F, F, F, {"id": _uuid_hex, "index": _int(), "count": _int(1), "total_bytes": _int(1)}, rule=_chunk_rule
     ),

@@ -50,12 +50,14 @@ from fedseg.federation.protocol.errors import (
 )
 from fedseg.federation.protocol.participant import LocalUpdate, Weights
 from fedseg.federation.protocol.schemas import Message, MessageType
+from fedseg.federation.protocol.secagg import Credentials, SecAggError, SecureSettings, SiteSecureRound
 from fedseg.federation.protocol.settings import settings_differences
 from fedseg.federation.strategies import Update
 
 __all__ = [
     "ConnectionDropped", "Done", "EvaluateRequested", "Ignored", "Joined", "ModelReceived", "Refused",
-    "ResultReceived", "ServerError", "ServerSession", "ServerState", "SiteLeft", "SiteLimits", "SiteSession",
+    "ResultReceived", "SecureReceived", "SecureRoundAbandoned", "SecureStep", "ServerError", "ServerSession",
+    "ServerState", "SiteLeft", "SiteLimits", "SiteSession",
     "SiteState", "TrainRequested", "TrainingFailed", "UpdateReceived", "UpdateRefused", "Welcomed", "audit_record",
     "done_frames", "error_frames", "evaluate_frames", "local_problem", "model_frames", "negotiate", "pseudonymise",
     "train_frames",
@@ -128,6 +130,17 @@ class UpdateReceived:
 
 
 @dataclass(frozen=True)
+class SecureReceived:
+    """The site's KEYS, SHARES, MASKED or REVEAL message (secure aggregation), for the round machine."""
+
+    message: Message
+
+
+SECURE_FROM_SITES = frozenset({MessageType.KEYS, MessageType.SHARES, MessageType.MASKED, MessageType.REVEAL})
+SECURE_FROM_SERVER = frozenset({MessageType.ROSTER, MessageType.DEALT, MessageType.UNMASK})
+
+
+@dataclass(frozen=True)
 class TrainingFailed:
     """The site could not train ``round`` (e.g. a NaN loss); it stays connected and in the study."""
 
@@ -149,7 +162,7 @@ class SiteLeft:
     reason: str
 
 
-ServerEvent = Joined | Refused | UpdateReceived | TrainingFailed | ResultReceived | SiteLeft | Ignored
+ServerEvent = Joined | Refused | UpdateReceived | SecureReceived | TrainingFailed | ResultReceived | SiteLeft | Ignored
 
 
 class ServerSession:
@@ -231,6 +244,10 @@ class ServerSession:
             if message.site != self.site:
                 return self._leave(f"UPDATE signed as {message.site!r}")
             return [UpdateReceived(_update_from(self.site, message), int(message.round))]
+        if message.type in SECURE_FROM_SITES:
+            if message.site != self.site:
+                return self._leave(f"{message.type.name} signed as {message.site!r}")
+            return [SecureReceived(message)]
         if message.type is MessageType.RESULT:
             return [ResultReceived({case: float(dice) for case, dice in message.body["case_dice"].items()})]
         if message.type is MessageType.ERROR and message.body["code"] == ErrorCode.TRAINING_FAILED:
@@ -380,6 +397,22 @@ class EvaluationRepeated:
 
 
 @dataclass(frozen=True)
+class SecureStep:
+    """A secure-aggregation step of ``round`` took place at this site (for the log): ``what`` it was."""
+
+    round: int
+    what: str
+
+
+@dataclass(frozen=True)
+class SecureRoundAbandoned:
+    """This site left round ``round``'s secure aggregation (``reason``) and told the server; it stays in the study."""
+
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ConnectionDropped:
     """The connection closed before DONE for a reason worth reconnecting over."""
 
@@ -388,7 +421,7 @@ class ConnectionDropped:
 
 SiteEvent = (
     Welcomed | TrainRequested | ModelReceived | EvaluateRequested | EvaluationRepeated | UpdateRefused | Done
-    | ServerError | Ignored
+    | ServerError | SecureStep | SecureRoundAbandoned | Ignored
 )
 
 
@@ -458,7 +491,6 @@ def audit_record(message: Message, frames: Sequence[bytes], server: str) -> dict
         "tensors": sorted(message.tensors),
         "scalars": scalars,
     }
-    return record
 
 
 def _server_error(message: Message) -> str:
@@ -497,6 +529,8 @@ class SiteSession:
         share_case_names: send case names with the test Dice instead of ``case-001``….
         server: how the audit log names the server (its URL).
         limits: what this site agrees to train (from its own study.toml).
+        secure: secure aggregation's settings (from its own study.toml), or None when off.
+        credentials: this site's certificate key and certificate and the study CA (needed with ``secure``).
     """
 
     def __init__(
@@ -507,10 +541,18 @@ class SiteSession:
         share_case_names: bool = False,
         server: str = "",
         limits: SiteLimits | None = None,
+        secure: SecureSettings | None = None,
+        credentials: Credentials | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
+        if secure is not None and credentials is None:
+            raise FedsegError("secure aggregation needs this site's credentials (its certificate key and the study CA)")
         self.site = site
+        self.secure = secure
+        self.credentials = credentials
+        self._secure_round: SiteSecureRound | None = None
+        self._waiting_update: LocalUpdate | None = None  # trained before the shares were dealt
         self.settings = settings
         self.share_case_names = share_case_names
         self.server = server
@@ -583,6 +625,8 @@ class SiteSession:
             return [self._model(message)]
         if kind is MessageType.EVALUATE:
             return [self._evaluate(message)]
+        if kind in SECURE_FROM_SERVER:
+            return self._secure_step(message)
         if kind is MessageType.DONE:
             self.state = SiteState.DONE
             return [Done(message.body.get("rounds"), self.models.get("final", {}))]
@@ -614,7 +658,48 @@ class SiteSession:
             raise BadMessage(f"TRAIN asks for {epochs} local epochs; this site's study.toml allows {limits.epochs_per_round}")
         if limits.rounds is not None and message.round >= limits.rounds:
             raise BadMessage(f"TRAIN for round {message.round}; this site's study.toml has {limits.rounds} rounds")
+        if self.secure is not None:
+            assert self.credentials is not None
+            # the round keys go out before the epoch starts: the key exchange overlaps the training
+            self._secure_round = SiteSecureRound(self.site, message.round, self.secure, self.credentials, dict(message.tensors))
+            self._waiting_update = None
+            self._queue(self._secure_round.keys_message())
         return TrainRequested(message.round, dict(message.tensors), epochs)
+
+    def _secure_step(self, message: Message) -> list[SiteEvent]:
+        """ROSTER, DEALT or UNMASK of the round this site is training; a secure-aggregation refusal drops the round only."""
+        current = self._secure_round
+        if current is None or message.round != current.round:
+            raise BadMessage(f"{message.type.name} for round {message.round}, which this site is not aggregating")
+        try:
+            if message.type is MessageType.ROSTER:
+                self._queue(current.on_roster(message))
+                return [SecureStep(current.round, f"checked the keys of {len(current.roster)} site(s); dealt its shares")]
+            if message.type is MessageType.DEALT:
+                current.on_dealt(message)
+                events: list[SiteEvent] = [SecureStep(current.round, f"holds the shares of {len(current.dealers)} site(s)")]
+                if self._waiting_update is not None:
+                    events += self._send_masked(current, self._waiting_update)
+                return events
+            self._queue(current.on_unmask(message))
+            self._secure_round = None  # its secrets are gone
+            survivors = len(message.body["survivors"])
+            return [SecureStep(current.round, f"revealed the shares that unmask the sum of {survivors} site(s)")]
+        except SecAggError as exc:
+            return self._abandon(current.round, exc.reason)
+
+    def _abandon(self, round_: int, reason: str) -> list[SiteEvent]:
+        self._secure_round, self._waiting_update = None, None
+        self.send_training_failed(round_, f"secure aggregation: {reason}")
+        return [SecureRoundAbandoned(round_, reason)]
+
+    def _send_masked(self, current: SiteSecureRound, update: LocalUpdate) -> list[SiteEvent]:
+        self._waiting_update = None
+        message, clip = current.masked_message(update.weights, update.num_samples, update.val_dice)
+        record = self._queue(message)
+        record["secure_aggregation"] = clip.record()
+        what = f"sent its masked update ({record['bytes_sent']} bytes{'; its change was clipped' if clip.clipped else ''})"
+        return [SecureStep(current.round, what)]
 
     def _evaluate(self, message: Message) -> EvaluateRequested | EvaluationRepeated:
         name = message.body["model"]
@@ -641,12 +726,18 @@ class SiteSession:
 
     # ---------------------------------------------------------------- outgoing
 
-    def send_update(self, round_: int, update: LocalUpdate) -> dict[str, Any]:
+    def send_update(self, round_: int, update: LocalUpdate) -> dict[str, Any] | None:
         """Queue the UPDATE for ``round_``; returns its audit record.
+
+        Under secure aggregation the update is masked once the shares are dealt
+        (now, or when DEALT arrives: then None is returned and the MASKED message's
+        record comes with that step); a round this site abandoned sends nothing.
 
         Raises:
             FedsegError: the update cannot be sent as it is (e.g. its validation Dice is NaN: no validation cases).
         """
+        if self.secure is not None:
+            return self._send_secure_update(round_, update)
         body = {
             "num_samples": int(update.num_samples),
             "val_dice": float(update.val_dice),
@@ -658,8 +749,20 @@ class SiteSession:
             raise FedsegError(f"round {round_}: this site's update cannot be sent: {exc}") from exc
         return self._queue(message)
 
+    def _send_secure_update(self, round_: int, update: LocalUpdate) -> dict[str, Any] | None:
+        current = self._secure_round
+        if current is None or current.round != round_:
+            return None  # this site left the round's secure aggregation (the server was told)
+        if not current.ready:
+            self._waiting_update = update
+            return None
+        self._send_masked(current, update)
+        return self._audit[-1]
+
     def send_training_failed(self, round_: int, reason: str) -> dict[str, Any]:
         """Tell the server this site could not train ``round_`` (it stays in the study); returns the audit record."""
+        if self._secure_round is not None and self._secure_round.round == round_:
+            self._secure_round, self._waiting_update = None, None
         return self._queue(Message(MessageType.ERROR, round=round_, body=error_body(ErrorCode.TRAINING_FAILED, reason)))
 
     def send_result(self, round_: int | None, model: str, case_dice: dict[str, float] | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Pure numpy: no torch, no network, no file I/O. One small module per idea::
     screened.py  ScreenedAggregator: keep, screen, then combine tensor by tensor
     mean.py      WeightedMean(weight_by=...): "dice-weighted", "sample-weighted", "uniform"
     robust.py    CoordinateMedian ("median"), TrimmedMean ("trimmed-mean")
+    secure.py    SecureMean: handed the unmasked mean of a securely aggregated round (never an update)
     fedadam.py   FedAdam: server optimiser composed over any aggregator (Reddi et al. 2021)
     registry.py  the config names and make_aggregator()
 
@@ -35,6 +36,7 @@ from fedseg.federation.strategies.mean import (
 from fedseg.federation.strategies.robust import CoordinateMedian, TrimmedMean
 from fedseg.federation.strategies.screened import ScreenedAggregator
 from fedseg.federation.strategies.screening import NO_SCREENING, Screening
+from fedseg.federation.strategies.secure import SecureMean, secure_mean_of
 from fedseg.federation.strategies.store import MemoryStore, UpdateStore
 from fedseg.federation.strategies.registry import (
     AGGREGATORS,
@@ -58,6 +60,8 @@ __all__ = [
     "WEIGHTINGS",
     "AdamOptions",
     "Aggregator",
+    "SecureMean",
+    "secure_mean_of",
     "CoordinateMedian",
     "FedAdam",
     "MemoryStore",

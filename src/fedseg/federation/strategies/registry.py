@@ -12,6 +12,7 @@ from fedseg.federation.strategies.mean import WEIGHTINGS, WeightedMean
 from fedseg.federation.strategies.robust import CoordinateMedian, TrimmedMean
 from fedseg.federation.strategies.screened import ScreenedAggregator
 from fedseg.federation.strategies.screening import Screening
+from fedseg.federation.strategies.secure import SecureMean
 from fedseg.federation.strategies.store import UpdateStore
 
 __all__ = ["AGGREGATORS", "SERVER_OPTIMIZERS", "make_aggregator"]
@@ -40,13 +41,17 @@ def make_aggregator(
     screening: Screening | None = None,
     store: UpdateStore | None = None,
     trim_fraction: float = 0.1,
+    secure: bool = False,
     **options: float,
 ) -> Aggregator:
     """Build the aggregator a study config names, e.g. ``make_aggregator("dice-weighted", "fedadam", eta=0.1)``.
 
     ``options`` are the server optimiser's (see :class:`AdamOptions`); the
     aggregators themselves take ``screening`` (default: on), ``store`` (default:
-    in memory) and, for ``trimmed-mean``, ``trim_fraction``.
+    in memory) and, for ``trimmed-mean``, ``trim_fraction``. ``secure``: the
+    study aggregates securely, so the weighting is applied at the sites and the
+    server is handed the unmasked mean (:class:`SecureMean`); the robust
+    aggregators need every update and are refused.
 
     Raises:
         FedsegError: unknown aggregator, server optimiser or option (the message
@@ -54,7 +59,12 @@ def make_aggregator(
     """
     if name not in AGGREGATORS:
         raise FedsegError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
-    aggregator = AGGREGATORS[name](screening, store, trim_fraction)
+    if secure and name not in WEIGHTINGS:
+        raise FedsegError(
+            f"aggregator {name!r} needs every site's update, which secure aggregation hides from the server; "
+            f"choose one of: {', '.join(WEIGHTINGS)}"
+        )
+    aggregator = SecureMean(name) if secure else AGGREGATORS[name](screening, store, trim_fraction)
     if server_optimizer is None:
         if options:
             raise FedsegError(f"aggregator {name!r} takes no options (got {', '.join(options)})")

@@ -59,6 +59,8 @@ class RoundResult:
         refused: site -> reason, for updates the round's screening refused (e.g. too large);
             they are in none of the other fields but ``update_norms``.
         update_norms: each kept update's change from the global model (L2 norm), refused ones too.
+        secure_sums: under secure aggregation, what the server learnt instead of per-site values: the
+            sums over the sites of their ``weight``, ``weighted_dice``, ``dice`` and ``count``; None otherwise.
     """
 
     weights: Weights
@@ -68,6 +70,7 @@ class RoundResult:
     notes: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     update_norms: dict[str, float] = field(default_factory=dict)
+    secure_sums: dict[str, float] | None = None
 
 
 def _listed(items: list[str]) -> str:

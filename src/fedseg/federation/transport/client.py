@@ -43,6 +43,8 @@ from fedseg.federation.protocol.session import (
     Ignored,
     EvaluationRepeated,
     ModelReceived,
+    SecureRoundAbandoned,
+    SecureStep,
     ServerError,
     SiteEvent,
     SiteLimits,
@@ -58,7 +60,8 @@ from fedseg.federation.transport.connection import (
     ConnectionClosed,
     ConnectionLost,
 )
-from fedseg.federation.transport.kit import Kit, check_kit_dates
+from fedseg.federation.protocol.secagg import Credentials, SecureSettings
+from fedseg.federation.transport.kit import Kit, check_kit_dates, kit_credentials
 from fedseg.federation.transport.retry import (
     FIRST_RETRY_DELAY_S,
     MAX_RETRY_DELAY_S,
@@ -108,6 +111,11 @@ class _Pump:
             await self._evaluate(connection, event)
         elif isinstance(event, EvaluationRepeated):
             log.info("the server asked again for the %s model's evaluation; sent the same result again", event.model)
+        elif isinstance(event, SecureStep):
+            log.info("round %s: secure aggregation: %s", event.round, event.what)
+        elif isinstance(event, SecureRoundAbandoned):
+            log.error("round %s: this site left the round's secure aggregation: %s (the server leaves it out of the round)",
+                      event.round, event.reason)
         elif isinstance(event, UpdateRefused):
             log.warning("round %s: the server rejected this site's update and left the site out of the round: %s",
                         event.round, event.reason)
@@ -124,6 +132,7 @@ class _Pump:
     async def _train(self, connection: Connection, event: TrainRequested) -> None:
         """Answer one TRAIN: local epochs in a worker thread, then the UPDATE and its audit line."""
         log.info("round %s: training %d local epoch(s)", event.round, event.epochs)
+        await self._flush(connection)  # secure aggregation's round keys leave before the epoch
         update = await asyncio.to_thread(self.participant.train, event.weights, event.round, event.epochs)
         problem = local_problem(update)
         if problem is not None:
@@ -133,7 +142,10 @@ class _Pump:
             return
         record = self.session.send_update(event.round, update)
         await self._flush(connection)
-        log.info("round %s: sent %d bytes (val Dice %.4f)", event.round, record["bytes_sent"], update.val_dice)
+        if record is not None:
+            log.info("round %s: sent %d bytes (val Dice %.4f)", event.round, record["bytes_sent"], update.val_dice)
+        elif self.session.secure is not None:
+            log.info("round %s: trained (val Dice %.4f); masking once the shares are dealt", event.round, update.val_dice)
 
     async def _evaluate(self, connection: Connection, event: EvaluateRequested) -> None:
         """Answer an EVALUATE: per-case Dice of the model on the held-out test cases, nothing else."""
@@ -176,6 +188,8 @@ async def join_study(
     before_connecting: Callable[[], None] | None = None,
     limits: SiteLimits | None = None,
     model_bytes: int | None = None,
+    secure: SecureSettings | None = None,
+    credentials: Credentials | None = None,
 ) -> Weights:
     """Take part in the study over ``transport`` as ``site`` until the server says DONE; returns the final weights.
 
@@ -187,12 +201,14 @@ async def join_study(
         before_connecting: called before every attempt (e.g. to check the certificate dates).
         model_bytes: this site's model size: no message from the server may be larger than it plus
             16 MiB (None: the flat default limit).
+        secure: secure aggregation's settings (this site's study.toml), None when off.
+        credentials: what the site signs its round keys with and checks the others' against (with ``secure``).
         Others: as :func:`run_client`.
     """
     backoff = backoff or Backoff(10)
     session = SiteSession(
         site, settings=settings, share_case_names=share_case_names, server=transport.server, limits=limits,
-        max_message=message_limit(model_bytes) if model_bytes is not None else DEFAULT_MAX_MESSAGE,
+        secure=secure, credentials=credentials, max_message=message_limit(model_bytes) if model_bytes is not None else DEFAULT_MAX_MESSAGE,
     )
     pump = _Pump(session, participant, audit_log)
     while True:
@@ -225,6 +241,7 @@ async def run_client(
     retry_delay_s: float = FIRST_RETRY_DELAY_S,
     limits: SiteLimits | None = None,
     model_bytes: int | None = None,
+    secure: SecureSettings | None = None,
 ) -> Weights:
     """Take part in the study over mutual-TLS websockets until the server says DONE; returns the final global weights.
 
@@ -243,6 +260,8 @@ async def run_client(
             further failure, up to MAX_RETRY_DELAY_S (a server restart takes a while).
         limits: the most this site agrees to train (local epochs per TRAIN, rounds).
         model_bytes: this site's model size, which bounds every message from the server.
+        secure: secure aggregation's settings (from this site's study.toml), None when off; the round
+            keys are signed with the kit's key and the others' checked against the kit's CA.
 
     Raises:
         FedsegError: TLS failure, refusal or error from the server, or the
@@ -252,6 +271,7 @@ async def run_client(
     return await join_study(
         transport, participant, kit.name, audit_log=audit_log, share_case_names=share_case_names, settings=settings,
         backoff=Backoff(retries, retry_delay_s, MAX_RETRY_DELAY_S), limits=limits, model_bytes=model_bytes,
+        secure=secure, credentials=kit_credentials(kit) if secure is not None else None,
         # a study can outlive a certificate; say so rather than fail the handshake
         before_connecting=lambda: check_kit_dates(kit),
     )

@@ -27,9 +27,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fedseg.errors import FedsegError
+from fedseg.federation.protocol.secagg import Credentials
+from fedseg.federation.protocol.identity import SITE_URI_PREFIX, site_identity
 from fedseg.federation.protocol.names import SITE_NAME_HELP, is_site_name
 from fedseg.io import loads_json
 
@@ -42,6 +43,7 @@ __all__ = [
     "Kit",
     "Role",
     "check_kit_dates",
+    "kit_credentials",
     "load_certificate",
     "load_kit",
     "load_private_key",
@@ -54,7 +56,6 @@ KIT_FORMAT = 1
 CRL_FILE = "crl.pem"  # in the server kit: the study CA's revocation list (``fedseg provision revoke``)
 """Version of the kit layout and ``study.json`` schema."""
 
-SITE_URI_PREFIX = "fedseg://site/"
 """SAN URI prefix carrying a site's identity in its client certificate."""
 
 RESERVED_NAMES = frozenset({"ca", "server"})
@@ -96,31 +97,6 @@ def validate_site_names(sites: Sequence[str]) -> list[str]:
     if repeated:
         raise FedsegError(f"site name(s) {repeated!r} given more than once")
     return names
-
-
-def site_identity(cert: x509.Certificate) -> str:
-    """The site name a certificate stands for.
-
-    Read from the SAN URI ``fedseg://site/<name>``, falling back to the subject
-    CN for certificates without one. The caller must have verified the
-    certificate's chain first: the name is only as trustworthy as its issuer.
-
-    Raises:
-        FedsegError: the certificate carries neither.
-    """
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        san = None
-    if san is not None:
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(SITE_URI_PREFIX):
-                return uri[len(SITE_URI_PREFIX):]
-    common_names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if common_names:
-        value = common_names[0].value
-        return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    raise FedsegError(f"certificate {cert.subject.rfc4514_string()!r} carries no site identity")
 
 
 @dataclass(frozen=True)
@@ -226,6 +202,12 @@ def _read(path: Path) -> bytes:
         raise FedsegError(f"kit file {path} is missing") from exc
     except OSError as exc:
         raise FedsegError(f"cannot read kit file {path}: {exc.strerror or exc}") from exc
+
+
+def kit_credentials(kit: Kit) -> Credentials:
+    """What secure aggregation signs this kit's round keys with, and checks the other sites' against."""
+    cert_pem = _read(kit.cert).decode()
+    return Credentials(load_private_key(kit.key), cert_pem, load_certificate(kit.ca))
 
 
 def check_kit_dates(kit: Kit) -> None:

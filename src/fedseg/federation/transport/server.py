@@ -53,6 +53,7 @@ from fedseg.federation.protocol.constants import (
     PING_INTERVAL_S,
     PING_TIMEOUT_S,
 )
+from fedseg.federation.protocol.chunks import to_frames
 from fedseg.federation.protocol.errors import BadMessage, ErrorCode, UnknownSite
 from fedseg.federation.protocol.rounds import (
     Action,
@@ -61,6 +62,7 @@ from fedseg.federation.protocol.rounds import (
     RoundCompleted,
     RoundsConfig,
     SendFinal,
+    SendSecure,
     SendTrain,
     ServerRounds,
     StudyDone,
@@ -72,6 +74,7 @@ from fedseg.federation.protocol.session import (
     Joined,
     Refused,
     ResultReceived,
+    SecureReceived,
     ServerEvent,
     ServerSession,
     SiteLeft,
@@ -209,7 +212,7 @@ class _Study:
         self.on_event = on_event
         self.connections: dict[str, Connection] = {}
         # a peer's message may hold one model (plus headers) in the reassembler, not a flat 1 GiB
-        self.max_message = message_limit(sum(array.nbytes for array in rounds.global_weights.values()))
+        self.max_message = message_limit(_largest_upload(rounds))
         self.max_connections = MAX_CONNECTIONS_PER_SITE * len(rounds.config.sites) + SPARE_CONNECTIONS
         self._open = 0
         self.finished: asyncio.Future[Weights] = asyncio.get_running_loop().create_future()
@@ -370,6 +373,8 @@ class _Study:
     async def _on_event(self, site: str, event: ServerEvent) -> str | None:
         if isinstance(event, UpdateReceived):
             await self._step(self.rounds.update_received, site, event.update, event.round)
+        elif isinstance(event, SecureReceived):
+            await self._step(self.rounds.secure_received, site, event.message)
         elif isinstance(event, TrainingFailed):
             log.warning("site %s: its training of round %d failed: %s", site, event.round, event.reason)
             await self._step(self.rounds.round_failed, site, event.round, event.reason)
@@ -398,6 +403,8 @@ class _Study:
                 self.on_event(action)
             if isinstance(action, SendTrain):
                 self._send_train(action)
+            elif isinstance(action, SendSecure):
+                self._send_secure(action)
             elif isinstance(action, SendFinal):
                 self._send_final(action)
             else:
@@ -423,6 +430,14 @@ class _Study:
         if self._train_frames is None or self._train_frames[0] != action.round:  # built once per round
             self._train_frames = (action.round, train_frames(action.round, self.rounds.global_weights, self.local_epochs))
         self._queue(connection, self._train_frames[1])
+
+    def _send_secure(self, action: SendSecure) -> None:
+        """A secure-aggregation message (ROSTER, DEALT, UNMASK): small, built once for all its sites."""
+        frames = to_frames(action.message)
+        for site in action.sites:
+            connection = self.connections.get(site)
+            if connection is not None:
+                self._queue(connection, frames)
 
     def _tell_refused(self, refused: UpdateRefused) -> None:
         """The site learns why its update was left out (the round's log line says it for the server)."""
@@ -527,6 +542,15 @@ class _Study:
         for handle in (self._round_timer[1] if self._round_timer else None, self._grace_timer):
             if handle is not None:
                 handle.cancel()
+
+
+def _largest_upload(rounds: ServerRounds) -> int:
+    """The bytes of the largest message a site should send: its UPDATE, or under secure aggregation its MASKED
+    update (every float value as a 64-bit ring element)."""
+    weights = rounds.global_weights.values()
+    if rounds.config.secure is None:
+        return sum(array.nbytes for array in weights)
+    return sum(8 * array.size for array in weights if array.dtype.kind == "f") + 64
 
 
 async def serve_study(

@@ -1,0 +1,348 @@
+"""Secure aggregation without a network: Shamir sharing, the fixed-point bound, masking, dropouts, refusals.
+
+The harness (secagg_helpers.Harness) runs the server's SecureRound against each
+site's SiteSecureRound and records every message the server is handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedseg.federation.protocol.errors import BadMessage
+from fedseg.federation.protocol.schemas import Message, MessageType
+from fedseg.federation.protocol.secagg import SecAggError, SecureSettings, shamir
+from fedseg.federation.protocol.secagg.masking import SCALARS, quantize, sum_error_bound
+from fedseg.federation.protocol.secagg.server import SecureFailed, SecureOutcome, SecureRefusal, Stage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from secagg_helpers import Harness, credentials_for  # noqa: E402
+
+SITES = ["nci", "suny", "ucla"]
+
+
+def model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.normal(size=(8, 4, 3)).astype(np.float32),
+        "conv.bias": rng.normal(size=8).astype(np.float32),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+    }
+
+
+def trained(global_weights: dict[str, np.ndarray], seed: int, scale: float = 0.05) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + seed)
+    return {
+        name: (array + rng.normal(scale=scale, size=array.shape).astype(np.float32)) if array.dtype.kind == "f" else array + 3
+        for name, array in global_weights.items()
+    }
+
+
+DICE = {"nci": 0.81, "suny": 0.62, "ucla": 0.74, "s4": 0.55, "s5": 0.9}
+
+
+def run_round(h: Harness, updates: dict[str, dict[str, np.ndarray]], *, drop_before_masking=(), drop_before_reveal=(),
+              tamper_reveal=None) -> None:
+    """Every stage in order; sites in ``drop_*`` leave at that point (their connection is gone)."""
+    for site in h.sites:
+        h.send(site, h.site_rounds[site].keys_message())
+    for site in h.sites:
+        for message in h.inbox.pop(site, []):
+            h.send(site, h.site_rounds[site].on_roster(message))
+    for site in h.sites:
+        for message in h.inbox.pop(site, []):
+            h.site_rounds[site].on_dealt(message)
+    for site in h.sites:
+        if site in drop_before_masking:
+            h.drop(site)
+        elif h.site_rounds[site].ready:
+            h.send(site, h.site_rounds[site].masked_message(updates[site], 10, DICE[site])[0])
+    for site in h.sites:
+        if site in drop_before_reveal:
+            h.drop(site)
+            continue
+        for message in h.inbox.pop(site, []):
+            reveal = h.site_rounds[site].on_unmask(message)
+            h.send(site, tamper_reveal(site, reveal) if tamper_reveal else reveal)
+
+
+def plain_mean(global_weights, updates, sites):
+    total = sum(max(DICE[s], 1e-3) for s in sites)
+    return {
+        name: sum(DICE[s] / total * updates[s][name].astype(np.float64) for s in sites)
+        for name, array in global_weights.items() if array.dtype.kind == "f"
+    }
+
+
+def outcome(h: Harness) -> SecureOutcome:
+    results = [o for o in h.outcomes if isinstance(o, SecureOutcome | SecureFailed)]
+    assert len(results) == 1, h.outcomes
+    assert isinstance(results[0], SecureOutcome), results[0]
+    return results[0]
+
+
+# ----------------------------------------------------------------------------- Shamir
+
+
+def test_any_threshold_shares_recover_the_secret_and_fewer_do_not() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, range(1, 6), 3)
+    for subset in ([1, 2, 3], [2, 4, 5], [1, 3, 5]):
+        assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
+    with pytest.raises(ValueError, match="2 share"):
+        shamir.combine({x: shares[x] for x in (1, 2)}, 3)
+    forged = {1: shares[1], 2: shares[2], 3: (shares[3] + 2**400) % shamir.PRIME}
+    with pytest.raises(ValueError):  # the changed share moves the secret out of the 32-byte range
+        shamir.combine(forged, 3)
+    with pytest.raises(BadMessage):
+        shamir.decode_share(b"\xff" * shamir.SHARE_BYTES)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("n_sites", [3, 5])
+def test_unmasked_sum_is_the_plain_weighted_mean_within_the_quantisation_bound(n_sites: int) -> None:
+    sites = (SITES + ["s4", "s5"])[:n_sites]
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(sites)}
+    h = Harness(g, sites)
+    run_round(h, updates)
+    result = outcome(h)
+    expected = plain_mean(g, updates, sites)
+    weight_sum = sum(DICE[s] for s in sites)
+    bound = sum_error_bound(n_sites, result.fraction_bits) / weight_sum
+    for name, mean in expected.items():
+        error = np.abs(result.mean[name] - mean).max()
+        assert error <= bound + 1e-12, (name, error, bound)
+    assert result.sums["count"] == pytest.approx(n_sites)
+    assert result.sums["weight"] == pytest.approx(weight_sum)
+    assert result.sums["dice"] == pytest.approx(weight_sum)
+    assert result.sites == sorted(sites)
+
+
+def test_the_quantisation_bound_is_tight_enough_to_matter() -> None:
+    """With few fraction bits the error is visible but stays inside the stated bound."""
+    values = [np.random.default_rng(i).normal(size=1000) for i in range(3)]
+    bits = 10
+    total = sum(quantize(v, bits) for v in values)
+    error = np.abs(total.view(np.int64) / 2.0**bits - sum(values)).max()
+    assert 0 < error <= sum_error_bound(3, bits)
+
+
+def test_clipping_bounds_the_change_before_masking() -> None:
+    g = model()
+    h = Harness(g, SITES, settings=SecureSettings(clip_ratio=0.01))
+    big = {site: trained(g, i, scale=1.0) for i, site in enumerate(SITES)}
+    for site in SITES:
+        h.send(site, h.site_rounds[site].keys_message())
+    for site in SITES:
+        h.send(site, h.site_rounds[site].on_roster(h.inbox.pop(site)[0]))
+    for site in SITES:
+        h.site_rounds[site].on_dealt(h.inbox.pop(site)[0])
+    report = h.site_rounds["nci"].masked_message(big["nci"], 10, DICE["nci"])[1]
+    assert report.clipped and report.sent_norm == pytest.approx(report.bound) and report.norm > 10 * report.bound
+
+
+# ----------------------------------------------------------------------------- what the server sees
+
+
+def test_a_masked_payload_is_uniform_whatever_the_update() -> None:
+    """The masked payload of a zero update and of a real one are both indistinguishable from uniform ring elements."""
+    g = model()
+    sends = {}
+    for label, update in (("zero", dict(g)), ("real", trained(g, 0, scale=0.5))):
+        h = Harness(g, SITES)
+        updates = {site: update for site in SITES}
+        run_round(h, updates)
+        sends[label] = [m for m in h.seen_by_server if m.type is MessageType.MASKED and m.site == "nci"][0]
+    for label, message in sends.items():
+        values = np.concatenate([a.ravel() for a in message.tensors.values()])
+        top_bytes = (values >> np.uint64(56)).astype(np.int64)  # the top byte of each ring element
+        counts = np.bincount(top_bytes, minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4, label
+    # the same test does see the update when it is sent unmasked
+    plain = quantize(trained(g, 0, scale=0.5)["conv.weight"] - g["conv.weight"], 40)
+    assert stats.chisquare(np.bincount((plain >> np.uint64(56)).astype(np.int64), minlength=256)).pvalue < 1e-6
+    # and the two masked payloads are unrelated: their difference is not the difference of the updates
+    a, b = (np.concatenate([x.ravel() for x in sends[k].tensors.values()]) for k in ("zero", "real"))
+    assert stats.pearsonr(a.astype(np.float64), b.astype(np.float64)).pvalue > 1e-4
+
+
+def test_the_server_is_handed_masked_ring_elements_only() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+    h = Harness(g, SITES)
+    run_round(h, updates)
+    outcome(h)
+    kinds = {m.type for m in h.seen_by_server}
+    assert kinds == {MessageType.KEYS, MessageType.SHARES, MessageType.MASKED, MessageType.REVEAL}
+    for message in h.seen_by_server:
+        for name, array in message.tensors.items():
+            assert array.dtype == np.uint64
+            if name != SCALARS:  # no tensor equals the site's quantised weighted change
+                site = message.site
+                change = (updates[site][name].astype(np.float64) - g[name]) * DICE[site]
+                assert not np.array_equal(array.ravel(), quantize(change, message.body["fraction_bits"]))
+    # the server's object keeps sums, not sites' tensors: nothing of a site's size is left once unmasked
+    assert h.server._sum == {} and h.server._reveals.keys() == set(SITES)
+
+
+# ----------------------------------------------------------------------------- dropouts and the threshold
+
+
+def test_one_of_three_dropping_after_dealing_is_recovered() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+    h = Harness(g, SITES)
+    run_round(h, updates, drop_before_masking=("suny",))
+    result = outcome(h)
+    assert result.sites == ["nci", "ucla"] and any("suny dropped out" in note for note in result.notes)
+    for name, mean in plain_mean(g, updates, ["nci", "ucla"]).items():
+        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+
+
+def test_a_survivor_leaving_before_it_reveals_is_recovered_too() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+    h = Harness(g, SITES)
+    run_round(h, updates, drop_before_reveal=("ucla",))
+    result = outcome(h)
+    assert result.sites == SITES  # its update is in the sum; the other two's shares unmask its seed
+    for name, mean in plain_mean(g, updates, SITES).items():
+        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+
+
+def test_dropouts_beyond_the_threshold_fail_the_round_with_the_reason() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+    h = Harness(g, SITES)
+    run_round(h, updates, drop_before_masking=("suny", "ucla"))
+    (failed,) = [o for o in h.outcomes if isinstance(o, SecureFailed)]
+    assert "1 site(s) sent a masked update, 2 are needed to unmask (the threshold)" in failed.reason
+    assert "suny: disconnected" in failed.reason and h.server._sum == {}
+
+
+def test_reveals_below_the_threshold_fail_the_round() -> None:
+    g = model()
+    h = Harness(g, SITES, settings=SecureSettings(threshold=3))
+    run_round(h, {site: trained(g, i) for i, site in enumerate(SITES)}, drop_before_reveal=("nci",))
+    (failed,) = [o for o in h.outcomes if isinstance(o, SecureFailed)]
+    assert "2 site(s) revealed valid shares, 3 are needed" in failed.reason
+
+
+# ----------------------------------------------------------------------------- malformed and forged messages
+
+
+def test_a_site_dealing_malformed_shares_is_named_and_left_out() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+
+    def tamper(site: str, message: Message) -> Message:
+        if site == "suny" and message.type is MessageType.SHARES:
+            shares = dict(message.body["shares"])
+            shares.pop("nci")  # no share for one roster site
+            return Message(MessageType.SHARES, round=message.round, site=site, body={"shares": shares})
+        return message
+
+    h = Harness(g, SITES, tamper=tamper)
+    run_round(h, updates)
+    refusals = [o for o in h.outcomes if isinstance(o, SecureRefusal)]
+    assert [r.site for r in refusals] == ["suny"] and "not for the round's roster" in refusals[0].reason
+    result = outcome(h)
+    assert result.sites == ["nci", "ucla"]
+    for name, mean in plain_mean(g, updates, ["nci", "ucla"]).items():
+        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+
+
+def test_a_site_revealing_a_forged_share_is_identified_and_its_shares_not_used() -> None:
+    g = model()
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+
+    def forge(site: str, reveal: Message) -> Message:
+        if site != "ucla":
+            return reveal
+        seeds = dict(reveal.body["seeds"])
+        seeds["nci"] = (shamir.encode_share((shamir.decode_share(bytes.fromhex(seeds["nci"])) + 1) % shamir.PRIME)).hex()
+        return Message(MessageType.REVEAL, round=reveal.round, site=site, body={**reveal.body, "seeds": seeds})
+
+    h = Harness(g, SITES)
+    run_round(h, updates, tamper_reveal=forge)
+    (refusal,) = [o for o in h.outcomes if isinstance(o, SecureRefusal)]
+    assert refusal.site == "ucla" and refusal.in_sum and "seed share of nci" in refusal.reason
+    result = outcome(h)  # two honest reveals reach the threshold
+    assert result.sites == SITES and any("ucla's REVEAL was not used" in note for note in result.notes)
+    for name, mean in plain_mean(g, updates, SITES).items():
+        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+
+
+def test_round_keys_not_signed_by_the_sites_certificate_are_refused() -> None:
+    g = model()
+    _, strangers = credentials_for(SITES)  # the same names, certificates of another CA
+
+    def swap_certificate(site: str, message: Message) -> Message:
+        if site == "nci" and message.type is MessageType.KEYS:
+            body = {**message.body, "certificate": strangers["nci"].certificate_pem}
+            return Message(MessageType.KEYS, round=message.round, site=site, body=body)
+        return message
+
+    h = Harness(g, SITES, tamper=swap_certificate)
+    for site in SITES:
+        h.send(site, h.site_rounds[site].keys_message())
+    (refusal,) = [o for o in h.outcomes if isinstance(o, SecureRefusal)]
+    assert refusal.site == "nci" and "not issued by the study CA" in refusal.reason
+    assert h.server.stage is Stage.SHARES and sorted(h.server.roster) == ["suny", "ucla"]
+
+
+def test_a_site_refuses_a_roster_with_a_substituted_key() -> None:
+    g = model()
+    h = Harness(g, SITES)
+    for site in SITES:
+        h.send(site, h.site_rounds[site].keys_message())
+    roster = h.inbox["nci"][0]
+    entry = dict(roster.body["sites"]["suny"])
+    entry["mask_pk"] = "00" * 32  # the server's own key in place of suny's
+    forged = Message(MessageType.ROSTER, round=0, body={**roster.body, "sites": {**roster.body["sites"], "suny": entry}})
+    with pytest.raises(SecAggError, match="suny are not signed"):
+        h.site_rounds["nci"].on_roster(forged)
+    lowered = Message(MessageType.ROSTER, round=0, body={**roster.body, "threshold": 3})
+    with pytest.raises(SecAggError, match="threshold 3"):
+        h.site_rounds["nci"].on_roster(lowered)
+
+
+def test_a_site_never_reveals_both_secrets_of_one_site() -> None:
+    g = model()
+    h = Harness(g, SITES)
+    updates = {site: trained(g, i) for i, site in enumerate(SITES)}
+    for site in SITES:
+        h.send(site, h.site_rounds[site].keys_message())
+    for site in SITES:
+        h.send(site, h.site_rounds[site].on_roster(h.inbox.pop(site)[0]))
+    for site in SITES:
+        h.site_rounds[site].on_dealt(h.inbox.pop(site)[0])
+    h.site_rounds["nci"].masked_message(updates["nci"], 10, 0.8)
+    both = Message(MessageType.UNMASK, round=0, body={"survivors": ["nci", "suny", "ucla"], "dropped": ["suny"]})
+    with pytest.raises(SecAggError, match="survivors and dropped"):
+        h.site_rounds["nci"].on_unmask(both)
+    fair = Message(MessageType.UNMASK, round=0, body={"survivors": ["nci", "ucla"], "dropped": ["suny"]})
+    reveal = h.site_rounds["nci"].on_unmask(fair)
+    assert set(reveal.body["seeds"]) == {"nci", "ucla"} and set(reveal.body["keys"]) == {"suny"}
+    again = Message(MessageType.UNMASK, round=0, body={"survivors": ["nci", "suny", "ucla"], "dropped": []})
+    with pytest.raises(SecAggError, match="second UNMASK"):  # asked again with suny as a survivor: refused
+        h.site_rounds["nci"].on_unmask(again)
+
+
+def test_settings_refuse_what_cannot_be_secure() -> None:
+    with pytest.raises(ValueError, match="threshold must be >= 2"):
+        SecureSettings(threshold=1)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        SecureSettings(clip_ratio=math.inf)
+    assert SecureSettings().threshold_for(3) == 2 and SecureSettings().threshold_for(2) == 2
+    assert SecureSettings().threshold_for(10) == 6
+    assert dataclasses.replace(SecureSettings(), weighting="uniform").weight(10, 0.0) == 1.0

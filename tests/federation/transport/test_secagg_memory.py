@@ -1,0 +1,116 @@
+"""A securely aggregated study in one process (in-memory transport): the real sessions, round machine and run directory.
+
+Checked: every round's global model equals the plain Dice-weighted mean of what
+the sites trained, within the fixed-point bound; round.json holds aggregate
+values only and says secure aggregation was on; what the server received from
+each site were masked ring elements (never a float tensor); each site's audit
+log records the masked payload's hash and its clipping; a site that leaves
+after masking is recovered from the others' shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedseg.federation.deploy.rundir import RunDir
+from fedseg.federation.protocol.participant import LocalUpdate
+from fedseg.federation.protocol.rounds import RoundCompleted, RoundsConfig
+from fedseg.federation.protocol.schemas import MessageType
+from fedseg.federation.protocol.secagg import SecureSettings
+from fedseg.federation.protocol.secagg.masking import sum_error_bound
+from fedseg.federation.protocol.session import SecureReceived, ServerSession, UpdateReceived
+from fedseg.federation.strategies import make_aggregator
+from fedseg.federation.transport.client import join_study
+from fedseg.federation.transport.memory import MemoryServer
+from fedseg.federation.transport.retry import Backoff
+from fedseg.federation.transport.server import serve_study
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "protocol"))
+from secagg_helpers import credentials_for  # noqa: E402
+from test_memory import INITIAL, SITES, NumpyParticipant  # noqa: E402
+
+ROUNDS = 3
+TIMEOUT_S = 30.0
+
+
+async def secure_study(tmp_path: Path, participants: dict[str, NumpyParticipant]):
+    ca, credentials = credentials_for(list(SITES))
+    settings = SecureSettings("dice-weighted", clip_ratio=100.0)
+    transport = MemoryServer()
+    run = RunDir.create(tmp_path / "run", {"sites": list(SITES), "rounds": ROUNDS, "aggregator": "dice-weighted"})
+    completed: list[RoundCompleted] = []
+    received: list[tuple[str, object]] = []
+    original = ServerSession.receive
+
+    def spy(self: ServerSession, frame: bytes):  # what the server process is handed, event by event
+        events = original(self, frame)
+        received.extend((self.site, event) for event in events if isinstance(event, SecureReceived | UpdateReceived))
+        return events
+
+    ServerSession.receive = spy  # type: ignore[method-assign]
+    try:
+        server = asyncio.create_task(serve_study(
+            transport, run, RoundsConfig(SITES, ROUNDS, 2, secure=settings, study_ca=ca),
+            make_aggregator("dice-weighted", secure=True), INITIAL, round_timeout_s=TIMEOUT_S, grace_s=TIMEOUT_S,
+            on_event=lambda action: completed.append(action) if isinstance(action, RoundCompleted) else None,
+        ))
+        clients = {}
+        for site, participant in participants.items():
+            client = transport.client(site)
+            clients[site] = asyncio.create_task(join_study(
+                client, participant, site, audit_log=tmp_path / f"{site}.audit.jsonl", backoff=Backoff(50, 0.01, 0.05),
+                secure=settings, credentials=credentials[site],
+            ))
+        async with asyncio.timeout(TIMEOUT_S):
+            final = await server
+            results = dict(zip(clients, await asyncio.gather(*clients.values(), return_exceptions=True), strict=True))
+    finally:
+        ServerSession.receive = original  # type: ignore[method-assign]
+    return final, results, completed, received
+
+
+def plain_mean(updates: dict[str, LocalUpdate]) -> dict[str, np.ndarray]:
+    total = sum(u.val_dice for u in updates.values())
+    return {name: sum(u.val_dice / total * u.weights[name].astype(np.float64) for u in updates.values()) for name in INITIAL}
+
+
+def test_secure_study_matches_the_plain_mean_and_the_server_sees_only_masked_payloads(tmp_path: Path) -> None:
+    participants = {site: NumpyParticipant(i) for i, site in enumerate(SITES)}
+    final, results, completed, received = asyncio.run(secure_study(tmp_path, participants))
+    assert [c.round for c in completed] == [0, 1, 2]
+    for number in range(ROUNDS):
+        folder = tmp_path / "run" / "rounds" / f"{number:04d}"
+        record = json.loads((folder / "round.json").read_text())
+        assert record["secure_aggregation"] is True and record["sites"] == {} and record["site_weights"] == {}
+        updates = {site: p.sent[number] for site, p in participants.items()}
+        dice = [u.val_dice for u in updates.values()]
+        assert record["aggregated_val_dice"] == pytest.approx(sum(d * d for d in dice) / sum(dice), abs=1e-9)
+        assert record["mean_val_dice"] == pytest.approx(np.mean(dice), abs=1e-9)
+        saved = load_file(str(folder / "global.safetensors"))
+        bound = sum_error_bound(3, 16) / min(dice)  # generous: the actual scale has far more fraction bits
+        for name, expected in plain_mean(updates).items():
+            np.testing.assert_allclose(saved[name], expected, rtol=0, atol=bound + 1e-6)
+    assert all(isinstance(w, dict) for w in results.values())
+
+    # the server process was handed no UPDATE and no float tensor from any site: masked ring elements only
+    assert not any(isinstance(event, UpdateReceived) for _, event in received)
+    masked = [event.message for _, event in received if event.message.type is MessageType.MASKED]
+    assert len(masked) == 3 * ROUNDS
+    assert all(array.dtype == np.uint64 for message in masked for array in message.tensors.values())
+
+    # each site's audit log: the MASKED message with the hash of the masked frames, the clip report, no plain UPDATE
+    for site in SITES:
+        lines = [json.loads(line) for line in (tmp_path / f"{site}.audit.jsonl").read_text().splitlines()]
+        kinds = [line["message"] for line in lines]
+        assert "UPDATE" not in kinds and kinds.count("MASKED") == ROUNDS and kinds.count("REVEAL") == ROUNDS
+        for line in lines:
+            if line["message"] == "MASKED":
+                clip = line["secure_aggregation"]
+                assert clip["sent_change_norm"] <= clip["clip_bound"] and len(line["sha256"]) == 64
