@@ -3,6 +3,8 @@
     python benchmarks/round_overhead.py                                   # 1 M, AH-Net (38 M), 150 M; 5 timed rounds
     python benchmarks/round_overhead.py --params 0.1M --rounds 2 --sleep 0.05 --floor-reps 2   # smoke run
     pip install -e '.[bench]' && python benchmarks/round_overhead.py --flower   # + Flower 1.42 on the same models
+    python benchmarks/round_overhead.py --secure-aggregation --out benchmarks/results/round_overhead_secure.json
+        # each model twice in the same run: plain, then with secure aggregation on (ratio = secure / plain overhead)
 
 Models (benchmarks/model_layouts.py): ``ahnet`` is AH-Net's state dict (735
 tensors, 38 M values); a count such as 1M or 150M scales AH-Net's per-tensor
@@ -33,6 +35,14 @@ UPDATE's, median of ``--floor-reps`` repetitions.
 Wire bytes per site per round are the sizes of the frames ``to_frames``
 makes for TRAIN and UPDATE (WebSocket framing adds 10-14 bytes per frame,
 TLS ~0.1-0.2 %); ratio = wire / (2 x raw tensor bytes), target <= 1.01.
+
+With ``--secure-aggregation`` every model runs twice, one study after the
+other in the same run: plain, then ``secure_aggregation`` on (pairwise masks,
+the sites' shares, unmasking of the sum; 3 sites, threshold 2). The site's
+fake epoch is the same sleep; the masking happens after it (a real epoch's
+key exchange overlaps training; the masks are computed once the epoch ends).
+"add" is then the time to fold one masked payload into the running sum, and
+the unmasking time is reported per round.
 
 Writes JSON to benchmarks/results/round_overhead.json (``--out``) and prints a
 Markdown table. Memory: the 150 M model (600 MB fp32) needs ~16 GB of RAM in
@@ -73,7 +83,7 @@ from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
 
 from fedseg.federation.protocol.chunks import to_frames
 from fedseg.federation.deploy.provision import provision_study
-from fedseg.federation.transport.kit import load_kit
+from fedseg.federation.transport.kit import load_certificate, load_kit
 from fedseg.federation.transport.tls import client_context, server_context
 from fedseg.federation.protocol.schemas import Message, MessageType
 
@@ -216,8 +226,12 @@ def serve_study(cfg: dict[str, Any]) -> None:
     from fedseg.federation.deploy.rundir import RunDir
     from fedseg.federation.transport.server import run_server
 
-    log: dict[str, Any] = {"add": [], "validate_s": [], "finish_s": [], "commit_s": [], "rounds": {}}
+    from fedseg.federation.protocol.secagg import SecureRound, SecureSettings
+    from fedseg.federation.strategies import SecureMean
+
+    log: dict[str, Any] = {"add": [], "validate_s": [], "finish_s": [], "commit_s": [], "unmask_s": [], "rounds": {}}
     original_validate = strategy_mean.validate_update
+    secure = int(cfg.get("secure") or 0)  # 0: plain; 64 or 32: the ring's width
 
     def timed_validate(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -237,6 +251,27 @@ def serve_study(cfg: dict[str, Any]) -> None:
             log["add"].append({"s": seconds, "bytes": folded})
             return raw
 
+        def finish(self) -> Any:
+            start = time.perf_counter()
+            result = super().finish()
+            log["finish_s"].append(time.perf_counter() - start)
+            return result
+
+    def timed(method: Any, key: str, nbytes: Any = None) -> Any:
+        def wrapper(self: Any, *args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(self, *args)
+            finally:
+                seconds = time.perf_counter() - start
+                log[key].append({"s": seconds, "bytes": nbytes(*args)} if nbytes else seconds)
+        return wrapper
+
+    # secure aggregation: time folding each masked payload into the sum, and the unmasking
+    SecureRound._masked = timed(SecureRound._masked, "add", lambda site, m: sum(a.nbytes for a in m.tensors.values()))
+    SecureRound._unmask = timed(SecureRound._unmask, "unmask_s")
+
+    class TimedSecureMean(SecureMean):
         def finish(self) -> Any:
             start = time.perf_counter()
             result = super().finish()
@@ -275,10 +310,15 @@ def serve_study(cfg: dict[str, Any]) -> None:
     log["rss_before_mb"] = proc_status_mb("VmRSS")
     log["hwm_before_mb"] = proc_status_mb("VmHWM")
     run_dir = TimedRunDir.create(Path(cfg["run_dir"]), {"benchmark": True, "sites": list(sites), "rounds": cfg["rounds"]})
-    config = RoundsConfig(sites=sites, rounds=int(cfg["rounds"]), min_sites=len(sites), evaluate=False)
+    config = RoundsConfig(
+        sites=sites, rounds=int(cfg["rounds"]), min_sites=len(sites), evaluate=False,
+        secure=SecureSettings(ring_bits=int(secure)) if secure else None, study_ca=load_certificate(kit.ca) if secure else None,
+    )
+    # as fedseg server runs it: the round's updates wait on disk (deploy/spool.py), screening on;
+    # secure: the running masked sum in memory, no update kept
+    aggregator = TimedSecureMean("dice-weighted") if secure else TimedAggregator("dice-weighted", store=DiskStore(Path(cfg["run_dir"]) / SPOOL))
     study = run_server(
-        # as fedseg server runs it: the round's updates wait on disk (deploy/spool.py), screening on
-        kit, run_dir, config, TimedAggregator("dice-weighted", store=DiskStore(Path(cfg["run_dir"]) / SPOOL)), initial,
+        kit, run_dir, config, aggregator, initial,
         host=SERVER_HOST, port=int(cfg["port"]), round_timeout_s=float(cfg["round_timeout_s"]), grace_s=60.0,
         on_event=on_event,
     )
@@ -352,7 +392,11 @@ def overhead_client(cfg: dict[str, Any]) -> None:
     port = int(cfg["port"])
     wait_listening(port, None, 300)
     url = f"wss://{SERVER_HOST}:{port}"
-    asyncio.run(run_client(kit, TorchParticipant(trainer), server_url=url, audit_log=Path(cfg["audit"]), retries=5, retry_delay_s=0.5))
+    from fedseg.federation.protocol.secagg import SecureSettings
+
+    secure = SecureSettings(ring_bits=int(cfg["secure"])) if cfg.get("secure") else None
+    asyncio.run(run_client(kit, TorchParticipant(trainer), server_url=url, audit_log=Path(cfg["audit"]), retries=5, retry_delay_s=0.5,
+                           secure=secure))
     Path(cfg["result"]).write_text(json.dumps({"epochs": trainer.epoch, "max_work_s": trainer.max_work_s}))
 
 
@@ -433,13 +477,13 @@ def tls_floor(kits: Path, sites: list[str], n_down: int, n_up: int, reps: int, t
 # --------------------------------------------------------------------------- one model
 
 
-def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, sites: list[str]) -> dict[str, Any]:
+def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, sites: list[str], *, secure: int = 0) -> dict[str, Any]:
     layout, weights = make_weights(token)
     label = "AH-Net" if layout == "ahnet" else token
     n_params, n_tensors = sum(a.size for a in weights.values()), len(weights)
     raw = raw_bytes(weights)
     n_down, frames_down, n_up, frames_up = wire_sizes(weights, sites[0])
-    tag = f"{token.lower()}-{n_params}"
+    tag = f"{token.lower()}-{n_params}" + (f"-secure{secure}" if secure else "")
     weights_file = work / f"{tag}.safetensors"
     safetensors.numpy.save_file(weights, str(weights_file))
     del weights
@@ -450,7 +494,7 @@ def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, site
     cfg = {
         "kit": str(kits / "server"), "run_dir": str(study_dir / "run"), "weights": str(weights_file),
         "sites": sites, "rounds": args.rounds + 1, "port": port, "round_timeout_s": args.timeout,
-        "result": str(study_dir / "server.json"),
+        "result": str(study_dir / "server.json"), "secure": secure,
     }
     processes = {"server": start_server(cfg)}
     try:
@@ -458,6 +502,7 @@ def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, site
             client_cfg = {
                 "kit": str(kits / site), "port": port, "sleep": args.sleep,
                 "audit": str(study_dir / f"{site}.audit.jsonl"), "result": str(study_dir / f"{site}.json"),
+                "secure": secure,
             }
             processes[site] = SPAWN.Process(target=overhead_client, args=(client_cfg,), name=site)
             processes[site].start()
@@ -471,12 +516,20 @@ def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, site
     round_s = round_intervals(server["rounds"])
     median_round = statistics.median(round_s)
     overhead = median_round - args.sleep
-    floor_s = tls_floor(kits, sites, n_down, n_up, args.floor_reps, args.timeout)
+    sent = sorted({int(a["bytes_sent"]) for a in audit if a["message"] in ("UPDATE", "MASKED")})
+    if secure:  # what each site sends per round: KEYS, SHARES, MASKED, REVEAL
+        n_up = statistics.median(
+            sum(int(a["bytes_sent"]) for a in audit if a["message"] != "HELLO" and a["round"] == number and a["site"] == sites[0])
+            for number in range(1, args.rounds + 1)
+        )
+    floor_s = tls_floor(kits, sites, n_down, int(n_up), args.floor_reps, args.timeout)
     floor = statistics.median(floor_s)
     weights_file.unlink()
     wire_site = n_down + n_up
     return {
         "model": label,
+        "secure_aggregation": bool(secure),
+        "secure_ring_bits": secure or None,
         "params_token": token,
         "layout": layout,
         "params": n_params,
@@ -486,13 +539,14 @@ def run_model(token: str, args: argparse.Namespace, work: Path, kits: Path, site
         "train_frames": frames_down,
         "update_bytes": n_up,
         "update_frames": frames_up,
-        "audit_update_bytes": sorted({int(a["bytes_sent"]) for a in audit if a["message"] == "UPDATE"}),
+        "audit_update_bytes": sent,
         "wire_bytes_per_site_round": wire_site,
         "wire_ratio": wire_site / (2 * raw),
         "round_s": round_s,
         "median_round_s": median_round,
         "overhead_s": overhead,
         "median_commit_s": statistics.median(server["commit_s"]),
+        "median_unmask_s": statistics.median(server["unmask_s"]) if server["unmask_s"] else None,
         "median_add_s": statistics.median(a["s"] for a in server["add"]),
         "median_server_cpu_s_per_round": statistics.median(
             b["cpu_s"] - a["cpu_s"] for a, b in itertools.pairwise(server["rounds"])
@@ -512,8 +566,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         ratio = "-" if r["overhead_over_floor"] is None else f"{r['overhead_over_floor']:.1f}"
+        model = r["model"] + (f" (secure, {r['secure_ring_bits']}-bit)" if r.get("secure_aggregation") else "")
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['raw_bytes'] / MB:.1f} | {r['wire_bytes_per_site_round'] / MB:.1f} "
+            f"| {model} | {r['params'] / 1e6:.1f} M | {r['raw_bytes'] / MB:.1f} | {r['wire_bytes_per_site_round'] / MB:.1f} "
             f"| {r['wire_ratio']:.4f} | {r['median_round_s']:.3f} | {r['overhead_s']:.3f} | {r['median_floor_s']:.3f} | {ratio} |"
         )
     lines += [
@@ -525,6 +580,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} {r['params'] / 1e6:.1f} M | {r['median_commit_s']:.3f} | {r['median_add_s']:.3f} "
             f"| {r['median_server_cpu_s_per_round']:.3f} | {r['server_peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def secure_comparison(rows: list[dict[str, Any]]) -> str:
+    """Per model: round overhead without and with secure aggregation, measured one after the other in this run."""
+    lines = [
+        "| model | params | ring | overhead plain (s) | overhead secure (s) | secure / plain | target <= 1.5 at 38 M "
+        "| wire MB/site/round plain / secure | unmask (s) | server peak RSS plain / secure (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    plain = {r["params_token"]: r for r in rows if not r["secure_aggregation"]}
+    for r in rows:
+        if not r["secure_aggregation"] or r["params_token"] not in plain:
+            continue
+        p = plain[r["params_token"]]
+        ratio = r["overhead_s"] / p["overhead_s"] if p["overhead_s"] > 0 else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['secure_ring_bits']}-bit | {p['overhead_s']:.3f} | {r['overhead_s']:.3f} "
+            f"| {ratio:.2f} | {'met' if ratio <= 1.5 else 'MISSED'} "
+            f"| {p['wire_bytes_per_site_round'] / MB:.1f} / {r['wire_bytes_per_site_round'] / MB:.1f} "
+            f"| {r['median_unmask_s']:.3f} | {p['server_peak_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -573,6 +650,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up on one model's study after this many seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="kits, weights and run directories (default: a temp folder)")
     parser.add_argument("--out", "--json", dest="out", type=Path, default=RESULTS / "round_overhead.json")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="run every model plain, then with secure aggregation on, and compare their overheads")
+    parser.add_argument("--secure-ring-bits", default="64", help="with --secure-aggregation: comma list of ring widths, e.g. 64,32")
     parser.add_argument("--flower", action="store_true",
                         help="also run Flower 1.42 (deployment mode, flower_round_overhead.py) on the same models and compare")
     args = parser.parse_args()
@@ -587,8 +667,11 @@ def main() -> None:
         kits = provision(work, sites)
         rows = []
         for token in tokens:
-            rows.append(run_model(token, args, work, kits, sites))
-            print(f"[{token}] fedseg median round {rows[-1]['median_round_s']:.3f} s", flush=True)
+            rings = [int(bits) for bits in args.secure_ring_bits.split(",")] if args.secure_aggregation else []
+            for secure in (0, *rings):
+                rows.append(run_model(token, args, work, kits, sites, secure=secure))
+                label = f" (secure aggregation, {secure}-bit ring)" if secure else ""
+                print(f"[{token}{label}] fedseg median round {rows[-1]['median_round_s']:.3f} s", flush=True)
         flower = run_flower(args, work) if args.flower else None
     record = {
         "benchmark": "round_overhead",
@@ -605,8 +688,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(markdown(rows))
+    if args.secure_aggregation:
+        print("\n" + secure_comparison(rows))
     if flower is not None:
-        print("\n" + comparison(rows, flower))
+        print("\n" + comparison([r for r in rows if not r["secure_aggregation"]], flower))
     print(f"\nwire ratio target <= 1.01; overhead = median round - sleep ({args.sleep} s); "
           f"{args.rounds} timed rounds after 1 warm-up, 3 sites")
 

@@ -336,7 +336,10 @@ def federate(
         device=device, site_processes=processes,
         on_exit=lambda name, code: console.print(f"{name}: exited with code {code}"),
     )
-    summary = Table("fold", "rounds", "best round", "best val Dice (site median)", "minutes", title=f"federated → {out / 'model'}")
+    secure = study.federation.secure_aggregation
+    score = "best val Dice (site mean)" if secure else "best val Dice (site median)"
+    title = f"federated → {out / 'model'}" + (" (secure aggregation: the server saw sums only)" if secure else "")
+    summary = Table("fold", "rounds", "best round", score, "minutes", title=title)
     for run in results:
         summary.add_row(str(run.fold), str(run.rounds), str(run.best_round), f"{run.best_dice:.4f}", f"{run.seconds / 60:.1f}")
     console.print(summary)

@@ -19,6 +19,7 @@ evaluate = true          # at the end, every site tests the final model on its h
 secure_aggregation = false   # true: the server learns only the weighted sum of the updates (protocol/secagg)
 secure_threshold = 2     # secure aggregation: shares needed to unmask (default: a majority of the round's sites)
 clip_ratio = 2.5         # secure aggregation: each site clips its change to 2.5 x the global model's norm
+secure_ring_bits = 64    # secure aggregation: 64 or 32 bits (default: per round 32 when it keeps 20 fraction bits, else 64)
 
 [train]                  # every site's local trainer (TrainConfig)
 [prepare]                # preprocessing (PrepareConfig)
@@ -86,6 +87,9 @@ class FederationConfig(Table):
             majority of the round's sites. Up to (sites - threshold) may drop out after masking.
         clip_ratio: secure aggregation: each site scales its change from the global model down to at most
             this many times the global model's norm before masking (the server cannot check it).
+        secure_ring_bits: secure aggregation: the masked payload's integers, 64 bits or 32 (the same bytes
+            as float32 weights, a coarser fixed point); None (the default): each round 32 when that leaves at
+            least 20 fraction bits, else 64.
     """
 
     toml_table = "federation"
@@ -107,6 +111,14 @@ class FederationConfig(Table):
     secure_aggregation: Bool = False
     secure_threshold: Annotated[Integer, Field(ge=2)] | None = None
     clip_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True), must_be("a finite number > 0")] = 2.5
+    secure_ring_bits: Annotated[Integer, must_be("32 or 64")] | None = None
+
+    @field_validator("secure_ring_bits")
+    @classmethod
+    def _ring_width(cls, bits: int | None) -> int | None:
+        if bits is not None and bits not in (32, 64):
+            raise ValueError(f"must be 32 or 64, got {bits}")
+        return bits
 
     @field_validator("aggregator")
     @classmethod
@@ -124,6 +136,11 @@ class FederationConfig(Table):
 
     @model_validator(mode="after")
     def _secure_needs_a_mean(self) -> FederationConfig:
+        if self.secure_aggregation and self.aggregator == "sample-weighted" and self.secure_ring_bits == 32:
+            raise ValueError(
+                f"{self.toml_table}.secure_ring_bits = 32 cannot hold sample-weighted updates (weights up to 2^20); "
+                "use 64 or another aggregator"
+            )
         if self.secure_aggregation and self.aggregator not in WEIGHTINGS:
             raise ValueError(
                 f"{self.toml_table}.aggregator {self.aggregator!r} needs every site's update, which "
@@ -154,7 +171,7 @@ class FederationConfig(Table):
         """What server and sites agree on for secure aggregation, or None when it is off."""
         if not self.secure_aggregation:
             return None
-        return SecureSettings(self.aggregator, self.clip_ratio, self.secure_threshold)
+        return SecureSettings(self.aggregator, self.clip_ratio, self.secure_threshold, self.secure_ring_bits)
 
     def quorum(self, n_sites: int) -> int:
         """``min_sites``, or every site when unset."""

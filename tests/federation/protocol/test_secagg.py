@@ -18,7 +18,7 @@ from scipy import stats
 from fedseg.federation.protocol.errors import BadMessage
 from fedseg.federation.protocol.schemas import Message, MessageType
 from fedseg.federation.protocol.secagg import SecAggError, SecureSettings, shamir
-from fedseg.federation.protocol.secagg.masking import SCALARS, quantize, sum_error_bound
+from fedseg.federation.protocol.secagg.masking import RING32, RING64, SCALARS, quantize, sum_error_bound
 from fedseg.federation.protocol.secagg.server import SecureFailed, SecureOutcome, SecureRefusal, Stage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,6 +80,13 @@ def plain_mean(global_weights, updates, sites):
     }
 
 
+def assert_mean(result: SecureOutcome, global_weights, updates, sites) -> None:
+    """The unmasked mean is the plain Dice-weighted mean of ``sites``, within the fixed point's stated bound."""
+    bound = sum_error_bound(len(result.sites), result.fraction_bits) / sum(DICE[s] for s in sites)
+    for name, mean in plain_mean(global_weights, updates, sites).items():
+        np.testing.assert_allclose(result.mean[name], mean, rtol=0, atol=bound + 1e-12)
+
+
 def outcome(h: Harness) -> SecureOutcome:
     results = [o for o in h.outcomes if isinstance(o, SecureOutcome | SecureFailed)]
     assert len(results) == 1, h.outcomes
@@ -107,12 +114,12 @@ def test_any_threshold_shares_recover_the_secret_and_fewer_do_not() -> None:
 # ----------------------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("n_sites", [3, 5])
-def test_unmasked_sum_is_the_plain_weighted_mean_within_the_quantisation_bound(n_sites: int) -> None:
+@pytest.mark.parametrize(("n_sites", "ring_bits"), [(3, 64), (5, 64), (3, 32), (5, 32), (3, None)])
+def test_unmasked_sum_is_the_plain_weighted_mean_within_the_quantisation_bound(n_sites: int, ring_bits: int) -> None:
     sites = (SITES + ["s4", "s5"])[:n_sites]
     g = model()
     updates = {site: trained(g, i) for i, site in enumerate(sites)}
-    h = Harness(g, sites)
+    h = Harness(g, sites, settings=SecureSettings(ring_bits=ring_bits))
     run_round(h, updates)
     result = outcome(h)
     expected = plain_mean(g, updates, sites)
@@ -121,6 +128,8 @@ def test_unmasked_sum_is_the_plain_weighted_mean_within_the_quantisation_bound(n
     for name, mean in expected.items():
         error = np.abs(result.mean[name] - mean).max()
         assert error <= bound + 1e-12, (name, error, bound)
+    if ring_bits != 64:  # the coarser ring's error is visible, and within its bound
+        assert result.fraction_bits < 30 and max(np.abs(result.mean[n] - m).max() for n, m in expected.items()) > 1e-12
     assert result.sums["count"] == pytest.approx(n_sites)
     assert result.sums["weight"] == pytest.approx(weight_sum)
     assert result.sums["dice"] == pytest.approx(weight_sum)
@@ -164,7 +173,7 @@ def test_a_masked_payload_is_uniform_whatever_the_update() -> None:
         sends[label] = [m for m in h.seen_by_server if m.type is MessageType.MASKED and m.site == "nci"][0]
     for label, message in sends.items():
         values = np.concatenate([a.ravel() for a in message.tensors.values()])
-        top_bytes = (values >> np.uint64(56)).astype(np.int64)  # the top byte of each ring element
+        top_bytes = (values >> values.dtype.type(8 * values.dtype.itemsize - 8)).astype(np.int64)  # each element's top byte
         counts = np.bincount(top_bytes, minlength=256)
         assert stats.chisquare(counts).pvalue > 1e-4, label
     # the same test does see the update when it is sent unmasked
@@ -183,13 +192,14 @@ def test_the_server_is_handed_masked_ring_elements_only() -> None:
     outcome(h)
     kinds = {m.type for m in h.seen_by_server}
     assert kinds == {MessageType.KEYS, MessageType.SHARES, MessageType.MASKED, MessageType.REVEAL}
+    ring = h.server.ring
     for message in h.seen_by_server:
         for name, array in message.tensors.items():
-            assert array.dtype == np.uint64
+            assert array.dtype == ring.dtype  # unsigned ring elements, never a float tensor
             if name != SCALARS:  # no tensor equals the site's quantised weighted change
                 site = message.site
                 change = (updates[site][name].astype(np.float64) - g[name]) * DICE[site]
-                assert not np.array_equal(array.ravel(), quantize(change, message.body["fraction_bits"]))
+                assert not np.array_equal(array.ravel(), quantize(change, message.body["fraction_bits"], ring))
     # the server's object keeps sums, not sites' tensors: nothing of a site's size is left once unmasked
     assert h.server._sum == {} and h.server._reveals.keys() == set(SITES)
 
@@ -204,8 +214,7 @@ def test_one_of_three_dropping_after_dealing_is_recovered() -> None:
     run_round(h, updates, drop_before_masking=("suny",))
     result = outcome(h)
     assert result.sites == ["nci", "ucla"] and any("suny dropped out" in note for note in result.notes)
-    for name, mean in plain_mean(g, updates, ["nci", "ucla"]).items():
-        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+    assert_mean(result, g, updates, ["nci", "ucla"])
 
 
 def test_a_survivor_leaving_before_it_reveals_is_recovered_too() -> None:
@@ -215,8 +224,7 @@ def test_a_survivor_leaving_before_it_reveals_is_recovered_too() -> None:
     run_round(h, updates, drop_before_reveal=("ucla",))
     result = outcome(h)
     assert result.sites == SITES  # its update is in the sum; the other two's shares unmask its seed
-    for name, mean in plain_mean(g, updates, SITES).items():
-        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+    assert_mean(result, g, updates, SITES)
 
 
 def test_dropouts_beyond_the_threshold_fail_the_round_with_the_reason() -> None:
@@ -257,8 +265,7 @@ def test_a_site_dealing_malformed_shares_is_named_and_left_out() -> None:
     assert [r.site for r in refusals] == ["suny"] and "not for the round's roster" in refusals[0].reason
     result = outcome(h)
     assert result.sites == ["nci", "ucla"]
-    for name, mean in plain_mean(g, updates, ["nci", "ucla"]).items():
-        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+    assert_mean(result, g, updates, ["nci", "ucla"])
 
 
 def test_a_site_revealing_a_forged_share_is_identified_and_its_shares_not_used() -> None:
@@ -278,8 +285,7 @@ def test_a_site_revealing_a_forged_share_is_identified_and_its_shares_not_used()
     assert refusal.site == "ucla" and refusal.in_sum and "seed share of nci" in refusal.reason
     result = outcome(h)  # two honest reveals reach the threshold
     assert result.sites == SITES and any("ucla's REVEAL was not used" in note for note in result.notes)
-    for name, mean in plain_mean(g, updates, SITES).items():
-        np.testing.assert_allclose(result.mean[name], mean, atol=1e-9)
+    assert_mean(result, g, updates, SITES)
 
 
 def test_round_keys_not_signed_by_the_sites_certificate_are_refused() -> None:
@@ -343,6 +349,14 @@ def test_settings_refuse_what_cannot_be_secure() -> None:
         SecureSettings(threshold=1)
     with pytest.raises(ValueError, match="clip_ratio"):
         SecureSettings(clip_ratio=math.inf)
+    with pytest.raises(ValueError, match="32 or 64"):
+        SecureSettings(ring_bits=16)
+    with pytest.raises(ValueError, match="secure_ring_bits = 64"):  # sample counts up to 2^20 do not fit 32 bits
+        SecureSettings("sample-weighted", ring_bits=32).scale(10.0, 3)
+    # the default picks the 32-bit ring while it keeps 20 fraction bits, else 64
+    assert SecureSettings().scale(29.5, 3) == (RING32, 23)
+    assert SecureSettings().scale(29.5 * 2**10, 30)[0] == RING64
+    assert SecureSettings("sample-weighted").scale(29.5, 3)[0] == RING64
     assert SecureSettings().threshold_for(3) == 2 and SecureSettings().threshold_for(2) == 2
     assert SecureSettings().threshold_for(10) == 6
     assert dataclasses.replace(SecureSettings(), weighting="uniform").weight(10, 0.0) == 1.0

@@ -193,6 +193,11 @@ def _sites(path: str, value: Any) -> None:
         _site(f"{path}[{i}]", item)
 
 
+def _ring_bits(path: str, value: Any) -> None:
+    if type(value) is not int or value not in (32, 64):
+        raise BadMessage(f"{path} must be 32 or 64, got {show(value)}")
+
+
 def _uuid_hex(path: str, value: Any) -> None:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
         raise BadMessage(f"{path} must be 32 lowercase hex digits, got {show(value)}")
@@ -294,7 +299,7 @@ SCHEMAS: dict[MessageType, _Schema] = {
     MessageType.KEYS: _Schema(R, R, F, _KEYS_BODY),
     MessageType.ROSTER: _Schema(
         R, O, F,
-        {"threshold": _int(2), "clip_norm": _float(0.0, open_lo=True), "fraction_bits": _int(1),
+        {"threshold": _int(2), "clip_norm": _float(0.0, open_lo=True), "ring_bits": _ring_bits, "fraction_bits": _int(1),
          "sites": _by_site(_object(_KEYS_BODY))},
     ),
     MessageType.SHARES: _Schema(

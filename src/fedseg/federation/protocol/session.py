@@ -688,6 +688,14 @@ class SiteSession:
         except SecAggError as exc:
             return self._abandon(current.round, exc.reason)
 
+    def secure_round_open(self, round_: int) -> bool:
+        """This site is securely aggregating ``round_`` (it has not abandoned it)."""
+        return self._secure_round is not None and self._secure_round.round == round_ and self.state is SiteState.JOINED
+
+    def secure_round_waiting_roster(self, round_: int) -> bool:
+        """``round_``'s round keys are out and its ROSTER has not come yet."""
+        return self.secure_round_open(round_) and not self._secure_round.roster  # type: ignore[union-attr]
+
     def _abandon(self, round_: int, reason: str) -> list[SiteEvent]:
         self._secure_round, self._waiting_update = None, None
         self.send_training_failed(round_, f"secure aggregation: {reason}")

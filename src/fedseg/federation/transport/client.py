@@ -132,7 +132,8 @@ class _Pump:
     async def _train(self, connection: Connection, event: TrainRequested) -> None:
         """Answer one TRAIN: local epochs in a worker thread, then the UPDATE and its audit line."""
         log.info("round %s: training %d local epoch(s)", event.round, event.epochs)
-        await self._flush(connection)  # secure aggregation's round keys leave before the epoch
+        if self.session.secure is not None and not await self._deal_shares(connection, event.round):
+            return  # this site left the round's secure aggregation (the server was told)
         update = await asyncio.to_thread(self.participant.train, event.weights, event.round, event.epochs)
         problem = local_problem(update)
         if problem is not None:
@@ -146,6 +147,24 @@ class _Pump:
             log.info("round %s: sent %d bytes (val Dice %.4f)", event.round, record["bytes_sent"], update.val_dice)
         elif self.session.secure is not None:
             log.info("round %s: trained (val Dice %.4f); masking once the shares are dealt", event.round, update.val_dice)
+
+    async def _deal_shares(self, connection: Connection, round_: int) -> bool:
+        """Secure aggregation: send the round keys, wait for the ROSTER and deal the shares, all before the epoch.
+
+        The other sites send their keys as soon as TRAIN arrives, so the ROSTER follows within a
+        round trip; the shares dealt to this site (DEALT) then arrive during the epoch, and the
+        update is masked the moment it is trained. False: the round was abandoned.
+        """
+        await self._flush(connection)
+        while self.session.secure_round_waiting_roster(round_):
+            try:
+                frame = await connection.recv()
+            except ConnectionClosed as exc:
+                raise _failure(self.session.closed(exc.code, exc.reason)) from exc
+            for event in self.session.receive(frame):
+                await self._on_event(connection, event)
+            await self._flush(connection)
+        return self.session.secure_round_open(round_)
 
     async def _evaluate(self, connection: Connection, event: EvaluateRequested) -> None:
         """Answer an EVALUATE: per-case Dice of the model on the held-out test cases, nothing else."""

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.federation.protocol.secagg.masking import fraction_bits
+from fedseg.federation.protocol.secagg.masking import CHUNK, RING32, RING64, Ring
 
 __all__ = ["DICE_FLOOR", "MAX_SAMPLE_WEIGHT", "SecureSettings", "float_norm", "update_change"]
 
 DICE_FLOOR = 1e-3  # a Dice-weighted site weighs at least this: the server cannot see a round where every Dice is 0
 MAX_SAMPLE_WEIGHT = 2**20  # sample-weighted: a site's weight is its sample count, at most this
+AUTO_RING32_BITS = 20  # ring_bits None: the 32-bit ring when it leaves this many fraction bits (error <= n x 2^-21 per value)
 WEIGHTINGS = ("dice-weighted", "sample-weighted", "uniform")
 
 
@@ -28,11 +29,15 @@ class SecureSettings:
             global model's norm (float tensors, L2; at least 1) before masking: the bound the server can no
             longer check.
         threshold: shares needed to unmask; None: a majority of the round's roster (at least 2).
+        ring_bits: 64 (the sum is exact to float64's precision), 32 (half the bytes on the wire, a
+            coarser fixed point; refused where fewer than 16 fraction bits would be left) or None (the
+            default): per round, 32 when that leaves at least 20 fraction bits, else 64.
     """
 
     weighting: str = "dice-weighted"
     clip_ratio: float = 2.5
     threshold: int | None = None
+    ring_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -41,6 +46,8 @@ class SecureSettings:
             raise ValueError(f"clip_ratio must be a finite number > 0, got {self.clip_ratio!r}")
         if self.threshold is not None and self.threshold < 2:
             raise ValueError(f"the secure-aggregation threshold must be >= 2, got {self.threshold}")
+        if self.ring_bits is not None:
+            Ring(self.ring_bits)  # 32 or 64
 
     def threshold_for(self, roster_size: int) -> int:
         """Shares needed to unmask a round whose roster has ``roster_size`` sites."""
@@ -63,12 +70,29 @@ class SecureSettings:
         so a model initialised at zero can still move)."""
         return self.clip_ratio * max(float_norm(global_weights), 1.0)
 
-    def fraction_bits(self, clip_norm: float, roster_size: int) -> int:
-        """The ring's scale: every weighted, clipped value (and every scalar) is within ±max_weight x max(clip_norm, 1)."""
-        return fraction_bits(self.max_weight * max(clip_norm, 1.0), roster_size)
+    def scale(self, clip_norm: float, roster_size: int) -> tuple[Ring, int]:
+        """The round's ring and fixed-point fraction bits: every weighted, clipped value (and every scalar) is
+        within ±max_weight x max(clip_norm, 1).
+
+        Raises:
+            ValueError: the configured ring cannot hold the values with 16 fraction bits.
+        """
+        bound = self.max_weight * max(clip_norm, 1.0)
+        if self.ring_bits is not None:
+            ring = Ring(self.ring_bits)
+            return ring, ring.fraction_bits(bound, roster_size)
+        try:
+            bits = RING32.fraction_bits(bound, roster_size)
+        except ValueError:
+            bits = 0
+        if bits >= AUTO_RING32_BITS:
+            return RING32, bits
+        return RING64, RING64.fraction_bits(bound, roster_size)
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"weighting": self.weighting, "clip_ratio": self.clip_ratio}
+        if self.ring_bits is not None:
+            body["ring_bits"] = self.ring_bits
         if self.threshold is not None:
             body["threshold"] = self.threshold
         return body
@@ -78,19 +102,25 @@ def _floats(weights: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(name for name, array in weights.items() if np.asarray(array).dtype.kind == "f")
 
 
+def _sum_of_squares(flat: np.ndarray, reference: np.ndarray | None = None) -> float:
+    """Σ (flat - reference)² in float64, one chunk at a time (no model-sized float64 copy)."""
+    total = 0.0
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start : start + CHUNK].astype(np.float64)
+        if reference is not None:
+            part -= reference[start : start + CHUNK]
+        total += float(np.dot(part, part))
+    return total
+
+
 def float_norm(weights: Mapping[str, np.ndarray]) -> float:
     """L2 norm of the float tensors, in float64, in name order."""
-    total = 0.0
-    for name in _floats(weights):
-        flat = np.asarray(weights[name], dtype=np.float64).ravel()
-        total += float(np.dot(flat, flat))
-    return math.sqrt(total)
+    return math.sqrt(sum(_sum_of_squares(np.asarray(weights[name]).ravel()) for name in _floats(weights)))
 
 
 def update_change(weights: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``weights - global_weights`` over the float tensors."""
-    total = 0.0
-    for name in _floats(global_weights):
-        delta = np.asarray(weights[name], dtype=np.float64).ravel() - np.asarray(global_weights[name], dtype=np.float64).ravel()
-        total += float(np.dot(delta, delta))
-    return math.sqrt(total)
+    return math.sqrt(sum(
+        _sum_of_squares(np.asarray(weights[name]).ravel(), np.asarray(global_weights[name]).ravel())
+        for name in _floats(global_weights)
+    ))

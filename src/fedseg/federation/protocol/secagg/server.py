@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from fedseg.federation.protocol.schemas import Message, MessageType
 from fedseg.federation.protocol.secagg import shamir
 from fedseg.federation.protocol.secagg.keys import AdvertisedKeys, SecAggError, pair_seed, seed_commitment, share_digest
-from fedseg.federation.protocol.secagg.masking import RING, SCALAR_FIELDS, SCALARS, MaskStream, Payload, dequantize
+from fedseg.federation.protocol.secagg.masking import RING64, SCALAR_FIELDS, SCALARS, MaskStream, Payload
 from fedseg.federation.protocol.secagg.rules import SecureSettings
 from fedseg.federation.protocol.secagg.site import mask_sign
 
@@ -123,6 +123,7 @@ class SecureRound:
         self._digests: dict[tuple[str, str], tuple[str, str]] = {}  # (dealer, holder) -> (seed digest, key digest)
         self._shares: dict[str, dict[str, dict[str, str]]] = {}
         self._payload = Payload.of(global_weights)
+        self.ring = RING64  # the round's, set with the ROSTER
         self._sum: dict[str, np.ndarray] = {}
         self.survivors: list[str] = []
         self._reveals: dict[str, Message] = {}
@@ -184,12 +185,13 @@ class SecureRound:
             return "its masked payload does not hold the model's float tensors and the scalars"
         for name, shape in self._payload.tensors():
             array = tensors[name]
-            if array.dtype != RING or array.size != math.prod(shape):
-                return f"masked tensor {name} is {array.dtype} of {array.size} values, expected uint64 of {math.prod(shape)}"
+            if array.dtype != self.ring.dtype or array.size != math.prod(shape):
+                want = np.dtype(self.ring.dtype).name
+                return f"masked tensor {name} is {array.dtype} of {array.size} values, expected {want} of {math.prod(shape)}"
         if not self._sum:
-            self._sum = self._payload.zeros()
+            self._sum = self._payload.zeros(self.ring)
         for name, total in self._sum.items():
-            total += tensors[name].ravel()  # wraps modulo 2^64, as the masks need
+            total += tensors[name].ravel()  # wraps modulo 2^bits, as the masks need
         return None
 
     def _reveal(self, site: str, message: Message) -> str | None:
@@ -241,9 +243,13 @@ class SecureRound:
         if problem is not None:
             return self._fail(problem)
         self.clip_norm = self.settings.clip_norm(self.global_weights)
-        self.fraction_bits = self.settings.fraction_bits(self.clip_norm, len(keyed))
+        try:
+            self.ring, self.fraction_bits = self.settings.scale(self.clip_norm, len(keyed))
+        except ValueError as exc:  # the model's norm grew beyond what the configured ring holds
+            return self._fail(str(exc))
         body = {
-            "threshold": self.threshold, "clip_norm": self.clip_norm, "fraction_bits": self.fraction_bits,
+            "threshold": self.threshold, "clip_norm": self.clip_norm, "ring_bits": self.ring.bits,
+            "fraction_bits": self.fraction_bits,
             "sites": {site: self.roster[site].body() for site in keyed},
         }
         self._next(Stage.SHARES, keyed)
@@ -293,9 +299,9 @@ class SecureRound:
             mask_keys = {u: self._mask_key(u, secret) for u, secret in masks.items()}
         except SecAggError as exc:
             return self._fail(exc.reason)
-        streams = [(MaskStream(seeds[u]), -1) for u in self.survivors]
+        streams = [(MaskStream(seeds[u], self.ring), -1) for u in self.survivors]
         streams += [
-            (MaskStream(pair_seed(mask_keys[u], self.roster[v].mask_pk, self.number, u, v)), -mask_sign(v, u))
+            (MaskStream(pair_seed(mask_keys[u], self.roster[v].mask_pk, self.number, u, v), self.ring), -mask_sign(v, u))
             for u in dropped
             for v in self.survivors
         ]
@@ -321,7 +327,7 @@ class SecureRound:
             total = self._sum.pop(name)
             for stream, sign in streams:
                 stream.add_to(total, sign)
-            values[name] = dequantize(total, self.fraction_bits).reshape(shape)
+            values[name] = self.ring.dequantize(total, self.fraction_bits).reshape(shape)
             del total
         sums = dict(zip(SCALAR_FIELDS, (float(v) for v in values.pop(SCALARS)), strict=True))
         self.stage = Stage.DONE

@@ -32,7 +32,7 @@ from fedseg.federation.protocol.secagg.keys import (
     share_digest,
     share_key,
 )
-from fedseg.federation.protocol.secagg.masking import SCALARS, MaskStream, Payload, quantize
+from fedseg.federation.protocol.secagg.masking import RING64, SCALARS, MaskStream, Payload, masked_change
 from fedseg.federation.protocol.secagg.rules import SecureSettings, update_change
 
 __all__ = ["ClipReport", "SiteSecureRound", "mask_sign"]
@@ -78,6 +78,7 @@ class SiteSecureRound:
         self.threshold = 0
         self.clip_norm = math.inf
         self.fraction_bits = 0
+        self.ring = RING64
         self.dealers: list[str] = []  # who dealt this site shares (DEALT): the sites masks are agreed with
         self._held: dict[str, tuple[bytes, bytes]] = {}  # dealer -> (seed share, key share) this site holds
         self.revealed = False
@@ -104,13 +105,20 @@ class SiteSecureRound:
         own_clip = self.settings.clip_norm(self.global_weights)
         if not math.isclose(body["clip_norm"], own_clip, rel_tol=CLIP_TOLERANCE):
             raise SecAggError(f"the ROSTER's clip bound {body['clip_norm']:g} is not {self.settings.clip_ratio:g} x the global model's norm ({own_clip:g})")
-        if body["fraction_bits"] != self.settings.fraction_bits(body["clip_norm"], len(roster)):
-            raise SecAggError(f"the ROSTER's fixed-point scale ({body['fraction_bits']} bits) does not fit its clip bound and roster")
+        try:
+            ring, bits = self.settings.scale(body["clip_norm"], len(roster))
+        except ValueError as exc:
+            raise SecAggError(str(exc)) from exc
+        if (body["ring_bits"], body["fraction_bits"]) != (ring.bits, bits):
+            raise SecAggError(
+                f"the ROSTER's fixed point ({body['ring_bits']}-bit ring, {body['fraction_bits']} fraction bits) is not "
+                f"what its clip bound and roster give ({ring.bits}-bit, {bits})"
+            )
         for site, keys in roster.items():
             if site != self.site:
                 keys.verify(self.round, self.credentials.ca)
         self.roster, self.threshold = roster, threshold
-        self.clip_norm, self.fraction_bits = float(body["clip_norm"]), int(body["fraction_bits"])
+        self.clip_norm, self.ring, self.fraction_bits = float(body["clip_norm"]), ring, bits
         return Message(MessageType.SHARES, round=self.round, site=self.site, body={"shares": self._deal()})
 
     def _deal(self) -> dict[str, dict[str, str]]:
@@ -156,21 +164,21 @@ class SiteSecureRound:
         change = update_change(weights, self.global_weights)
         factor = 1.0 if change <= self.clip_norm or change == 0 else self.clip_norm / change
         weight = self.settings.weight(num_samples, val_dice)
-        streams = [(MaskStream(self.keys.seed), 1)] + [
-            (MaskStream(pair_seed(self.keys.mask, self.roster[peer].mask_pk, self.round, self.site, peer)), mask_sign(self.site, peer))
+        ring = self.ring
+        streams = [(MaskStream(self.keys.seed, ring), 1)] + [
+            (MaskStream(pair_seed(self.keys.mask, self.roster[peer].mask_pk, self.round, self.site, peer), ring), mask_sign(self.site, peer))
             for peer in self.dealers
             if peer != self.site
         ]
+        scale = factor * weight * float(2**self.fraction_bits)
         tensors: dict[str, np.ndarray] = {}
         for name, shape in Payload.of(self.global_weights).tensors():
             if name == SCALARS:
-                values = np.array([weight, weight * float(val_dice), float(val_dice), 1.0])
+                scalars = np.array([weight, weight * float(val_dice), float(val_dice), 1.0])
+                masked = masked_change(scalars, np.zeros(len(scalars)), float(2**self.fraction_bits), ring, streams)
             else:
-                values = (np.asarray(weights[name], dtype=np.float64) - self.global_weights[name]) * (factor * weight)
-            ring = quantize(values, self.fraction_bits)
-            for stream, sign in streams:
-                stream.add_to(ring, sign)
-            tensors[name] = ring.reshape(shape)
+                masked = masked_change(weights[name], self.global_weights[name], scale, ring, streams)
+            tensors[name] = masked.reshape(shape)
         message = Message(MessageType.MASKED, round=self.round, site=self.site, body={"fraction_bits": self.fraction_bits}, tensors=tensors)
         return message, ClipReport(self.clip_norm, change, change * factor)
 
