@@ -83,6 +83,14 @@ def test_the_settings_name_the_local_epochs_per_round(tmp_path):
     assert any("rounds of one local epoch" in line for line in load_settings("demo").describe())
 
 
+def test_the_settings_say_when_the_fl_model_is_trained_with_secure_aggregation(tmp_path):
+    path = tmp_path / "secure.toml"
+    path.write_text("[federation]\nsecure_aggregation = true\nsecure_threshold = 3\n")
+    lines = load_settings("demo", path).describe()
+    assert any(line.startswith("secure aggregation: on") and "threshold 3" in line for line in lines)
+    assert not any("secure aggregation" in line for line in load_settings("demo").describe())
+
+
 def test_small_sites_get_a_tip_for_the_small_sites_profile(tmp_path, sites):
     """Sites of a few training cases trained from scratch: the study names the profile that starts from the phantom."""
     _run, said = prepared_run(tmp_path, sites, 2)

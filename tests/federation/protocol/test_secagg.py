@@ -224,6 +224,7 @@ def test_a_survivor_leaving_before_it_reveals_is_recovered_too() -> None:
     run_round(h, updates, drop_before_reveal=("ucla",))
     result = outcome(h)
     assert result.sites == SITES  # its update is in the sum; the other two's shares unmask its seed
+    assert any("ucla left before revealing its shares" in note for note in result.notes)
     assert_mean(result, g, updates, SITES)
 
 
@@ -360,3 +361,36 @@ def test_settings_refuse_what_cannot_be_secure() -> None:
     assert SecureSettings().threshold_for(3) == 2 and SecureSettings().threshold_for(2) == 2
     assert SecureSettings().threshold_for(10) == 6
     assert dataclasses.replace(SecureSettings(), weighting="uniform").weight(10, 0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------- the site session
+
+
+def test_a_site_session_leaves_only_the_round_when_its_roster_is_forged() -> None:
+    """A ROSTER that fails the site's checks: TRAINING_FAILED for that round, the site stays joined; nothing is masked."""
+    from fedseg.federation.protocol.chunks import to_frames
+    from fedseg.federation.protocol.frames import decode
+    from fedseg.federation.protocol.participant import LocalUpdate
+    from fedseg.federation.protocol.session import SecureRoundAbandoned, SiteSession, SiteState, train_frames
+
+    g = model()
+    h = Harness(g, SITES)
+    session = SiteSession("nci", secure=SecureSettings(), credentials=h.credentials["nci"])
+    session.connect()
+    session.receive(to_frames(Message(MessageType.WELCOME, site="nci", body={"version": 1, "rounds": 3}))[0])
+    session.data_to_send()
+    events = [e for f in train_frames(0, g, 1) for e in session.receive(f)]
+    (keys,) = [decode(f, max_size=1 << 30) for f in session.data_to_send()]
+    assert keys.type is MessageType.KEYS and events[-1].round == 0  # the keys leave before the epoch
+    assert session.secure_round_waiting_roster(0)
+    h.send("nci", keys)
+    for site in ("suny", "ucla"):
+        h.send(site, h.site_rounds[site].keys_message())
+    roster = h.inbox["nci"][0]
+    forged = Message(MessageType.ROSTER, round=0, body={**roster.body, "clip_norm": roster.body["clip_norm"] * 10})
+    events = [e for f in to_frames(forged) for e in session.receive(f)]
+    assert isinstance(events[0], SecureRoundAbandoned) and "clip bound" in events[0].reason
+    (error,) = [decode(f, max_size=1 << 30) for f in session.data_to_send()]
+    assert error.type is MessageType.ERROR and error.round == 0 and error.body["code"] == 4424
+    assert session.state is SiteState.JOINED and not session.secure_round_open(0)
+    assert session.send_update(0, LocalUpdate(trained(g, 0), 10, 0.8)) is None and session.data_to_send() == []

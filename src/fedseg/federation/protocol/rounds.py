@@ -354,8 +354,9 @@ class ServerRounds:
         current = self._round
         if current is not None and self._secure is not None:
             if site not in self._secure.pending:
-                return []  # its masked update is in the sum already, or it was left out before
-            current.left_out[site] = reason
+                return []  # it revealed its shares already, or it was left out before
+            if not self._secure.in_sum(site):  # a survivor leaving before it reveals stays in the round
+                current.left_out[site] = reason
             return self._secure_actions(self._secure.left(site, reason))
         if current is None or site not in current.pending:
             return []

@@ -482,12 +482,11 @@ class _Study:
             raise FedsegError(f"could not save round {completed.round}: {exc}") from exc
         for site, why in sorted(completed.left_out.items()):
             log.warning("round %d: site %s left out: %s", completed.round, site, why)
-        log.info(
-            "round %d completed: sites %s, aggregation weights %s",
-            completed.round,
-            ", ".join(completed.result.sites),
-            {site: round(w, 4) for site, w in completed.result.site_weights.items()},
+        weights = (
+            "secret (secure aggregation: only their sum was unmasked)" if completed.result.secure_sums is not None
+            else {site: round(w, 4) for site, w in completed.result.site_weights.items()}
         )
+        log.info("round %d completed: sites %s, aggregation weights %s", completed.round, ", ".join(completed.result.sites), weights)
 
     async def _finish_done(self, done: StudyDone) -> None:
         await asyncio.to_thread(self.run_dir.finish, self.rounds.global_weights)

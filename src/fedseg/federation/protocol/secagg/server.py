@@ -152,11 +152,18 @@ class SecureRound:
             self.notes.append(f"secure aggregation: {site}'s REVEAL was not used: {problem}")
         return [SecureRefusal(site, problem, in_sum), *self._advance()]
 
+    def in_sum(self, site: str) -> bool:
+        """``site``'s masked update is in the running sum (it survives to the unmasking whatever happens next)."""
+        return site in self.survivors
+
     def left(self, site: str, reason: str) -> list[SecureAction]:
-        """A site disconnected, timed out or could not train: it drops out of the round."""
+        """A site disconnected, timed out or could not train: it drops out of the round (or, having sent its
+        masked update, only out of the reveal: the others' shares unmask its seed)."""
         if site not in self.pending:
             return []
         self.gone[site] = reason
+        if self.in_sum(site):
+            self.notes.append(f"secure aggregation: {site} left before revealing its shares ({reason}); its update is in the sum")
         return self._advance()
 
     # ----------------------------------------------------------------- stage handlers (None: accepted)
