@@ -317,8 +317,9 @@ class StudyRun:
             self.site_dirs, fl_run, self.settings.study, folds=folds, config_file=self.out / "study.toml",
             cache=self.out / "cache", threads=self.settings.study.train.threads, resume=True,
         )
+        score = "mean" if federation.secure_aggregation else "median"  # secure aggregation: the server knows the sum only
         for run in runs:
-            self.say(f"  fl fold {run.fold}: best val Dice (median of the sites) {run.best_dice:.3f} at round "
+            self.say(f"  fl fold {run.fold}: best val Dice ({score} of the sites) {run.best_dice:.3f} at round "
                      f"{run.best_round + 1}/{run.rounds} ({run.seconds:.0f} s)")
         target = self.model_dir(FL)
         if target.exists():
