@@ -69,6 +69,7 @@ def provision(
     study: str = typer.Option("fedseg-study", help="Study name written into every kit."),
     ca_passphrase_file: Path | None = typer.Option(None, "--ca-passphrase-file", help=PASSPHRASE_HELP),
     cases: str | None = typer.Option(None, help="Training cases per site, e.g. nci=120,suny=80: the server refuses updates claiming more."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Every kit requires [federation] secure_aggregation = true: the server then sees only the weighted sum of the updates, and neither it nor a site runs the study without it."),
 ) -> None:
     """Create a study CA, a server certificate and one client certificate per site, as start-up kits."""
     from fedseg.errors import FedsegError
@@ -80,7 +81,7 @@ def provision(
         raise FedsegError("fedseg provision needs --server-name, --sites and --out (or a command: add-site, renew, revoke)")
     kits = provision_study(
         server_name, [s.strip() for s in sites.split(",") if s.strip()], out, days=days, study=study, port=port,
-        ca_passphrase=_passphrase(ca_passphrase_file), cases=_cases(cases),
+        ca_passphrase=_passphrase(ca_passphrase_file), cases=_cases(cases), secure_aggregation=secure_aggregation,
     )
     for name, folder in kits.items():
         what = "keep OFFLINE: the CA key, needed only to add sites" if name == "ca" else f"give to {name} (see {folder}/README.txt)"
@@ -259,6 +260,7 @@ def client(
     if site_kit.role != "site":
         raise FedsegError(f"{kit}: the server's kit; a client needs its site's kit")
     study = load_study_config(config)
+    site_kit.require_secure_aggregation(study.federation.secure_aggregation, config)
     train = study.train if threads is None else study.train.replace(threads=threads)
     _threads(train.threads)
     placement = place_training(train, device, gpus, processes)

@@ -272,3 +272,22 @@ def test_lifecycle_commands(tmp_path, run_cli):
     assert code == 1 and "chmod 600" in err
     code, _, err = run_cli("provision")
     assert code == 1 and "--server-name" in err
+
+
+def test_kits_provisioned_for_secure_aggregation_refuse_a_study_without_it(tmp_path):
+    from fedseg.errors import FedsegError
+    from fedseg.federation.deploy.lifecycle import add_site
+    from fedseg.federation.deploy.provision import provision_study
+    from fedseg.federation.transport.kit import load_kit
+
+    kits = provision_study("fl.example.org", ["nci", "suny"], tmp_path / "kits", secure_aggregation=True)
+    added = add_site(kits["ca"], kits["server"], "ucla", tmp_path / "ucla")
+    for folder in (kits["server"], kits["nci"], added):
+        kit = load_kit(folder)
+        assert kit.secure_aggregation
+        kit.require_secure_aggregation(True, "study.toml")
+        with pytest.raises(FedsegError, match="provisioned for secure aggregation, but study.toml does not set"):
+            kit.require_secure_aggregation(False, "study.toml")
+    plain = provision_study("fl.example.org", ["nci", "suny"], tmp_path / "plain")
+    assert not load_kit(plain["nci"]).secure_aggregation
+    load_kit(plain["nci"]).require_secure_aggregation(False, None)

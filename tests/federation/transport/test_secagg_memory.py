@@ -168,3 +168,17 @@ def test_a_stalled_site_is_left_out_at_the_deadline_and_the_round_unmasks_withou
     assert record["left_out"]["ucla"].startswith("timed out (secure aggregation, stage MASKED)")
     assert record["arrival_order"] == ["nci", "suny"]
     assert [c.round for c in completed] == [0, 1, 2]
+
+
+def test_the_server_accepts_a_masked_update_of_a_model_above_the_flat_message_limit() -> None:
+    """A 150 M-parameter masked update is 1.2 GB (8 bytes a value): more than the 1 GiB default, within its own limit."""
+    from fedseg.federation.protocol.constants import DEFAULT_MAX_MESSAGE, message_limit
+    from fedseg.federation.protocol.rounds import ServerRounds
+    from fedseg.federation.transport.server import _largest_upload
+
+    ca, _ = credentials_for(list(SITES))
+    big = {"w": np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(150_000_000,), strides=(0,))}
+    secure = ServerRounds(RoundsConfig(SITES, 1, 2, secure=SecureSettings(), study_ca=ca), make_aggregator("uniform", secure=True), big)
+    plain = ServerRounds(RoundsConfig(SITES, 1, 2), make_aggregator("uniform"), big)
+    assert _largest_upload(secure) == 8 * 150_000_000 + 64 and _largest_upload(plain) == 4 * 150_000_000
+    assert message_limit(_largest_upload(secure)) > DEFAULT_MAX_MESSAGE > message_limit(_largest_upload(plain))

@@ -80,7 +80,7 @@ def prepare_out(out: Path) -> None:
 
 def write_kits(
     out: Path, host: str, sites: list[str], *, days: int, study: str, port: int, ca_passphrase: bytes | None = None,
-    cases: dict[str, int] | None = None,
+    cases: dict[str, int] | None = None, secure_aggregation: bool = False,
 ) -> dict[str, Path]:
     """Create the CA and every certificate, and write the kits into the prepared, empty ``out``.
 
@@ -104,6 +104,7 @@ def write_kits(
         "format": KIT_FORMAT, "role": "server", "study": study,
         "server_name": host, "port": port, "server_url": url, "sites": sites,
         **({"cases": dict(sorted(cases.items()))} if cases else {}),
+        **({"secure_aggregation": True} if secure_aggregation else {}),
     }
     kits["server"] = write_participant(out / "server", "server", ca_pem, server_key, server_cert, server_doc)
     _write_public(out / "server" / CRL_FILE, revocation_list(ca_key, ca_cert, []).public_bytes(serialization.Encoding.PEM))
@@ -142,6 +143,7 @@ def write_site_kit(
     doc = {
         "format": KIT_FORMAT, "role": "site", "study": server_doc["study"], "site": site,
         "server_name": server_doc["server_name"], "port": server_doc["port"], "server_url": server_doc["server_url"],
+        **({"secure_aggregation": True} if server_doc.get("secure_aggregation") else {}),
     }
     return write_participant(folder, "site", ca_pem, key, cert, doc)
 

@@ -236,7 +236,8 @@ def run_local(
         if resume and (out / "kits").is_dir():
             _check_kits(out / "kits", names)
         else:
-            provision_study("localhost", names, out / "kits", study="local", port=free_port())
+            provision_study("localhost", names, out / "kits", study="local", port=free_port(),
+                            secure_aggregation=study.federation.secure_aggregation)
         results = []
         for fold in folds:
             finished = RunDir(out / f"fold{fold}")

@@ -46,6 +46,7 @@ def provision_study(
     port: int = 8443,
     ca_passphrase: bytes | None = None,
     cases: dict[str, int] | None = None,
+    secure_aggregation: bool = False,
 ) -> dict[str, Path]:
     """Create a study CA, the server's and every site's certificate, and their kits.
 
@@ -65,6 +66,8 @@ def provision_study(
         ca_passphrase: encrypt the CA key with it (needed again by add-site, renew, revoke).
         cases: training cases per site, from the data agreement: the server refuses an update
             claiming more (sample-weighted aggregation weighs by them).
+        secure_aggregation: every kit requires ``[federation] secure_aggregation = true``: the server
+            and the sites refuse to run the study with a study.toml that turns it off.
 
     Returns:
         ``{"ca": out/ca, "server": out/server, "<site>": out/<site>, ...}``.
@@ -82,7 +85,8 @@ def provision_study(
             raise FedsegError(f"--cases: {site}={n!r} must name a site of the study and a count >= 1")
     prepare_out(out)
     try:
-        return write_kits(out, host, names, days=days, study=study, port=port, ca_passphrase=ca_passphrase, cases=cases)
+        return write_kits(out, host, names, days=days, study=study, port=port, ca_passphrase=ca_passphrase, cases=cases,
+                          secure_aggregation=secure_aggregation)
     except FileExistsError as exc:
         raise FedsegError(f"{exc.filename} appeared while writing kits; refusing to overwrite it") from exc
     except OSError as exc:

@@ -131,6 +131,7 @@ class ServerRun:
             FedsegError: the study failed (e.g. quorum lost), or ``root`` of a new run is not empty.
         """
         federation, train = self.study.federation, self.study.train
+        self.kit.require_secure_aggregation(federation.secure_aggregation, "the run's study settings")
         if train.threads is not None:
             torch.set_num_threads(train.threads)
         # the round's updates wait on disk, not in memory (scratch, emptied every round)

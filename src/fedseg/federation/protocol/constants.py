@@ -30,13 +30,18 @@ DEFAULT_MAX_MESSAGE = 1024 * MiB
 MESSAGE_OVERHEAD = 16 * MiB  # room above the model's own bytes for headers and framing
 
 
-def message_limit(model_bytes: int) -> int:
-    """The largest message worth accepting when the model is ``model_bytes`` big (an UPDATE or MODEL, plus headers).
+MAX_MODEL_MESSAGE = 8 * 1024 * MiB  # no model message above 8 GiB, whatever the model (2 G float32 parameters)
 
-    Bounded by :data:`DEFAULT_MAX_MESSAGE`: a peer cannot make the reassembler
-    hold more than one model's worth (plus 16 MiB) per connection.
+
+def message_limit(model_bytes: int) -> int:
+    """The largest message worth accepting when the largest legitimate message is ``model_bytes`` big (an UPDATE,
+    MODEL or masked update, plus headers).
+
+    A peer cannot make the reassembler hold more than that message's worth (plus
+    16 MiB) per connection; :data:`DEFAULT_MAX_MESSAGE` is the limit when the model's
+    size is not known, :data:`MAX_MODEL_MESSAGE` the most for any model.
     """
-    return min(DEFAULT_MAX_MESSAGE, int(model_bytes) + MESSAGE_OVERHEAD)
+    return min(MAX_MODEL_MESSAGE, int(model_bytes) + MESSAGE_OVERHEAD)
 
 
 MAX_HEADER = 1 * MiB  # JSON header of one frame

@@ -132,6 +132,23 @@ class Kit:
         return {str(site): int(n) for site, n in self.study.get("cases", {}).items()}
 
     @property
+    def secure_aggregation(self) -> bool:
+        """The kit was provisioned for secure aggregation: its study must not run without it."""
+        return bool(self.study.get("secure_aggregation", False))
+
+    def require_secure_aggregation(self, enabled: bool, config: Path | str | None) -> None:
+        """Refuse a study configuration that turns off the secure aggregation this kit was provisioned for.
+
+        Raises:
+            FedsegError: naming the kit and the configuration file.
+        """
+        if self.secure_aggregation and not enabled:
+            raise FedsegError(
+                f"{self.directory / 'study.json'}: this kit was provisioned for secure aggregation, but "
+                f"{config or 'the default configuration'} does not set [federation] secure_aggregation = true"
+            )
+
+    @property
     def crl(self) -> Path | None:
         """The revocation list of a server kit, or None (kits of older fedseg have none)."""
         path = self.directory / CRL_FILE
