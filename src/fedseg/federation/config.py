@@ -19,7 +19,7 @@ evaluate = true          # at the end, every site tests the final model on its h
 secure_aggregation = false   # true: the server learns only the weighted sum of the updates (protocol/secagg)
 secure_threshold = 2     # secure aggregation: shares needed to unmask (default: a majority of the round's sites)
 clip_ratio = 2.5         # secure aggregation: each site clips its change to 2.5 x the global model's norm
-secure_ring_bits = 64    # secure aggregation: 64 or 32 bits (default: per round 32 when it keeps 20 fraction bits, else 64)
+secure_ring_bits = 64    # secure aggregation: 64 (exact) or 32 (the bytes of float32 weights, a coarser fixed point)
 
 [train]                  # every site's local trainer (TrainConfig)
 [prepare]                # preprocessing (PrepareConfig)
@@ -87,9 +87,9 @@ class FederationConfig(Table):
             majority of the round's sites. Up to (sites - threshold) may drop out after masking.
         clip_ratio: secure aggregation: each site scales its change from the global model down to at most
             this many times the global model's norm before masking (the server cannot check it).
-        secure_ring_bits: secure aggregation: the masked payload's integers, 64 bits or 32 (the same bytes
-            as float32 weights, a coarser fixed point); None (the default): each round 32 when that leaves at
-            least 20 fraction bits, else 64.
+        secure_ring_bits: secure aggregation: the masked payload's integers, 64 bits (default: the same
+            model as the plain weighted mean) or 32 (the same bytes as float32 weights, a coarser fixed point;
+            faster, but it moves per-case Dice: docs/benchmarks.md).
     """
 
     toml_table = "federation"
@@ -111,12 +111,12 @@ class FederationConfig(Table):
     secure_aggregation: Bool = False
     secure_threshold: Annotated[Integer, Field(ge=2)] | None = None
     clip_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True), must_be("a finite number > 0")] = 2.5
-    secure_ring_bits: Annotated[Integer, must_be("32 or 64")] | None = None
+    secure_ring_bits: Annotated[Integer, must_be("32 or 64")] = 64
 
     @field_validator("secure_ring_bits")
     @classmethod
-    def _ring_width(cls, bits: int | None) -> int | None:
-        if bits is not None and bits not in (32, 64):
+    def _ring_width(cls, bits: int) -> int:
+        if bits not in (32, 64):
             raise ValueError(f"must be 32 or 64, got {bits}")
         return bits
 

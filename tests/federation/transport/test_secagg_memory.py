@@ -160,9 +160,9 @@ def test_a_site_dying_after_dealing_its_shares_is_recovered_and_the_study_goes_o
 
 
 def test_a_stalled_site_is_left_out_at_the_deadline_and_the_round_unmasks_without_it(tmp_path: Path) -> None:
-    participants = {"nci": NumpyParticipant(0), "suny": NumpyParticipant(1), "ucla": Stalls(2, round_=1, seconds=4.0)}
+    participants = {"nci": NumpyParticipant(0), "suny": NumpyParticipant(1), "ucla": Stalls(2, round_=1, seconds=6.0)}
     start = time.monotonic()
-    final, results, completed, _ = asyncio.run(secure_study(tmp_path, participants, round_timeout_s=2.0))
+    final, results, completed, _ = asyncio.run(secure_study(tmp_path, participants, round_timeout_s=3.0))
     assert time.monotonic() - start < TIMEOUT_S
     record = json.loads((tmp_path / "run" / "rounds" / "0001" / "round.json").read_text())
     assert record["left_out"]["ucla"].startswith("timed out (secure aggregation, stage MASKED)")

@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.federation.protocol.secagg.masking import CHUNK, RING32, RING64, Ring
+from fedseg.federation.protocol.secagg.masking import CHUNK, Ring
 
 __all__ = ["DICE_FLOOR", "MAX_SAMPLE_WEIGHT", "SecureSettings", "float_norm", "update_change"]
 
 DICE_FLOOR = 1e-3  # a Dice-weighted site weighs at least this: the server cannot see a round where every Dice is 0
 MAX_SAMPLE_WEIGHT = 2**20  # sample-weighted: a site's weight is its sample count, at most this
-AUTO_RING32_BITS = 20  # ring_bits None: the 32-bit ring when it leaves this many fraction bits (error <= n x 2^-21 per value)
 WEIGHTINGS = ("dice-weighted", "sample-weighted", "uniform")
 
 
@@ -29,15 +28,15 @@ class SecureSettings:
             global model's norm (float tensors, L2; at least 1) before masking: the bound the server can no
             longer check.
         threshold: shares needed to unmask; None: a majority of the round's roster (at least 2).
-        ring_bits: 64 (the sum is exact to float64's precision), 32 (half the bytes on the wire, a
-            coarser fixed point; refused where fewer than 16 fraction bits would be left) or None (the
-            default): per round, 32 when that leaves at least 20 fraction bits, else 64.
+        ring_bits: 64 (the default: the sum is exact to float64's precision, the model the same as the
+            plain weighted mean's) or 32 (half the bytes on the wire, a coarser fixed point; refused where
+            fewer than 16 fraction bits would be left). docs/benchmarks.md measures both.
     """
 
     weighting: str = "dice-weighted"
     clip_ratio: float = 2.5
     threshold: int | None = None
-    ring_bits: int | None = None
+    ring_bits: int = 64
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -46,8 +45,7 @@ class SecureSettings:
             raise ValueError(f"clip_ratio must be a finite number > 0, got {self.clip_ratio!r}")
         if self.threshold is not None and self.threshold < 2:
             raise ValueError(f"the secure-aggregation threshold must be >= 2, got {self.threshold}")
-        if self.ring_bits is not None:
-            Ring(self.ring_bits)  # 32 or 64
+        Ring(self.ring_bits)  # 32 or 64
 
     def threshold_for(self, roster_size: int) -> int:
         """Shares needed to unmask a round whose roster has ``roster_size`` sites."""
@@ -77,21 +75,12 @@ class SecureSettings:
         Raises:
             ValueError: the configured ring cannot hold the values with 16 fraction bits.
         """
-        bound = self.max_weight * max(clip_norm, 1.0)
-        if self.ring_bits is not None:
-            ring = Ring(self.ring_bits)
-            return ring, ring.fraction_bits(bound, roster_size)
-        try:
-            bits = RING32.fraction_bits(bound, roster_size)
-        except ValueError:
-            bits = 0
-        if bits >= AUTO_RING32_BITS:
-            return RING32, bits
-        return RING64, RING64.fraction_bits(bound, roster_size)
+        ring = Ring(self.ring_bits)
+        return ring, ring.fraction_bits(self.max_weight * max(clip_norm, 1.0), roster_size)
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"weighting": self.weighting, "clip_ratio": self.clip_ratio}
-        if self.ring_bits is not None:
+        if self.ring_bits != 64:  # the default's settings read as before the option existed
             body["ring_bits"] = self.ring_bits
         if self.threshold is not None:
             body["threshold"] = self.threshold
