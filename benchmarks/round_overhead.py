@@ -83,7 +83,7 @@ from model_layouts import ahnet_shapes, layout_for, parse_tokens  # noqa: E402
 
 from fedseg.federation.protocol.chunks import to_frames
 from fedseg.federation.deploy.provision import provision_study
-from fedseg.federation.transport.kit import load_certificate, load_kit
+from fedseg.federation.transport.kit import StudyCA, load_certificate, load_kit
 from fedseg.federation.transport.tls import client_context, server_context
 from fedseg.federation.protocol.schemas import Message, MessageType
 
@@ -312,7 +312,7 @@ def serve_study(cfg: dict[str, Any]) -> None:
     run_dir = TimedRunDir.create(Path(cfg["run_dir"]), {"benchmark": True, "sites": list(sites), "rounds": cfg["rounds"]})
     config = RoundsConfig(
         sites=sites, rounds=int(cfg["rounds"]), min_sites=len(sites), evaluate=False,
-        secure=SecureSettings(ring_bits=int(secure)) if secure else None, study_ca=load_certificate(kit.ca) if secure else None,
+        secure=SecureSettings(ring_bits=int(secure)) if secure else None, certificates=StudyCA(load_certificate(kit.ca)) if secure else None,
     )
     # as fedseg server runs it: the round's updates wait on disk (deploy/spool.py), screening on;
     # secure: the running masked sum in memory, no update kept

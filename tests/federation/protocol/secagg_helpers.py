@@ -9,6 +9,7 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 
 from fedseg.federation.deploy.certificates import issue_site_certificate, new_certificate_authority
+from fedseg.federation.transport.kit import StudyCA
 from fedseg.federation.protocol.schemas import Message
 from fedseg.federation.protocol.secagg import Credentials, SecureRound, SecureSettings, SiteSecureRound
 from fedseg.federation.protocol.secagg.server import Broadcast, SecureAction
@@ -19,8 +20,8 @@ def credentials_for(sites: list[str]) -> tuple[object, dict[str, Credentials]]:
     out = {}
     for site in sites:
         key, cert = issue_site_certificate(ca_key, ca, site)
-        out[site] = Credentials(key, cert.public_bytes(serialization.Encoding.PEM).decode(), ca)
-    return ca, out
+        out[site] = Credentials(key, cert.public_bytes(serialization.Encoding.PEM).decode(), StudyCA(ca))
+    return StudyCA(ca), out
 
 
 @dataclass

@@ -59,7 +59,7 @@ async def secure_study(tmp_path: Path, participants: dict[str, NumpyParticipant]
     ServerSession.receive = spy  # type: ignore[method-assign]
     try:
         server = asyncio.create_task(serve_study(
-            transport, run, RoundsConfig(SITES, ROUNDS, 2, secure=settings, study_ca=ca),
+            transport, run, RoundsConfig(SITES, ROUNDS, 2, secure=settings, certificates=ca),
             make_aggregator("dice-weighted", secure=True), INITIAL, round_timeout_s=round_timeout_s, grace_s=TIMEOUT_S,
             on_event=lambda action: completed.append(action) if isinstance(action, RoundCompleted) else None,
         ))
@@ -178,7 +178,7 @@ def test_the_server_accepts_a_masked_update_of_a_model_above_the_flat_message_li
 
     ca, _ = credentials_for(list(SITES))
     big = {"w": np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(150_000_000,), strides=(0,))}
-    secure = ServerRounds(RoundsConfig(SITES, 1, 2, secure=SecureSettings(), study_ca=ca), make_aggregator("uniform", secure=True), big)
+    secure = ServerRounds(RoundsConfig(SITES, 1, 2, secure=SecureSettings(), certificates=ca), make_aggregator("uniform", secure=True), big)
     plain = ServerRounds(RoundsConfig(SITES, 1, 2), make_aggregator("uniform"), big)
     assert _largest_upload(secure) == 8 * 150_000_000 + 64 and _largest_upload(plain) == 4 * 150_000_000
     assert message_limit(_largest_upload(secure)) > DEFAULT_MAX_MESSAGE > message_limit(_largest_upload(plain))

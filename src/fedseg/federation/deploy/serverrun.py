@@ -32,7 +32,7 @@ from fedseg.federation.deploy.spool import SPOOL, DiskStore
 from fedseg.federation.deploy.rundir import RunDir
 from fedseg.federation.protocol.rounds import RoundsConfig
 from fedseg.federation.strategies import Aggregator, Weights
-from fedseg.federation.transport.kit import Kit, load_certificate, load_kit
+from fedseg.federation.transport.kit import Kit, StudyCA, load_certificate, load_kit
 from fedseg.federation.transport.server import run_server
 from fedseg.io import FolderLock
 from fedseg.models import build_model, weights_to_numpy
@@ -143,7 +143,7 @@ class ServerRun:
             sites=tuple(self.sites), rounds=federation.rounds, min_sites=federation.quorum(n_sites),
             evaluate=federation.evaluate, declared_samples=self.kit.declared_cases,
             secure=federation.secure_settings(),
-            study_ca=load_certificate(self.kit.ca) if federation.secure_aggregation else None,
+            certificates=StudyCA(load_certificate(self.kit.ca)) if federation.secure_aggregation else None,
         )
         try:
             asyncio.run(

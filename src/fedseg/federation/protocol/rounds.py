@@ -41,13 +41,13 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 import numpy as np
 
 from fedseg.errors import FedsegError
 from fedseg.federation.protocol.schemas import Message
 from fedseg.federation.protocol.secagg import SecureRound, SecureSettings
+from fedseg.federation.protocol.secagg.keys import CertificateCheck
 from fedseg.federation.protocol.secagg.server import Broadcast, SecureAction, SecureFailed, SecureOutcome, SecureRefusal
 from fedseg.federation.strategies import Aggregator, RoundResult, Update, UpdateRejected, secure_mean_of
 
@@ -70,13 +70,13 @@ class RoundsConfig:
     evaluate: bool = True  # final step: ask each site for per-case Dice of the final model
     # training cases the coordinator declared per site (fedseg provision --cases): a site claiming more is refused
     declared_samples: Mapping[str, int] = field(default_factory=dict)
-    # secure aggregation (None: off) and the study CA its relayed round keys are checked against
+    # secure aggregation (None: off) and the check of the site certificates its round keys come with
     secure: SecureSettings | None = None
-    study_ca: Any = None  # cryptography.x509.Certificate
+    certificates: CertificateCheck | None = None
 
     def __post_init__(self) -> None:
-        if self.secure is not None and (self.study_ca is None or len(self.sites) < 2):
-            raise FedsegError("secure aggregation needs at least 2 sites and the study CA's certificate")
+        if self.secure is not None and (self.certificates is None or len(self.sites) < 2):
+            raise FedsegError("secure aggregation needs at least 2 sites and a check of their certificates (the study CA)")
         if not 1 <= self.min_sites <= len(self.sites):
             raise FedsegError(f"min_sites must be between 1 and {len(self.sites)} (the number of sites), got {self.min_sites}")
         if self.rounds < 1:
@@ -393,7 +393,7 @@ class ServerRounds:
         self.aggregator.start_round(self.global_weights)
         if self.config.secure is not None:
             self._secure = SecureRound(
-                self.next_round, set(self.connected), self.config.secure, self.global_weights, self.config.study_ca,
+                self.next_round, set(self.connected), self.config.secure, self.global_weights, self.config.certificates,
                 self.config.min_sites,
             )
         return [SendTrain(site, self.next_round) for site in sorted(self.connected)]

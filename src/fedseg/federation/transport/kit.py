@@ -27,10 +27,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from fedseg.errors import FedsegError
-from fedseg.federation.protocol.secagg import Credentials
-from fedseg.federation.protocol.identity import SITE_URI_PREFIX, site_identity
+from fedseg.federation.protocol.secagg import Credentials, SecAggError
 from fedseg.federation.protocol.names import SITE_NAME_HELP, is_site_name
 from fedseg.io import loads_json
 
@@ -44,6 +44,7 @@ __all__ = [
     "Role",
     "check_kit_dates",
     "kit_credentials",
+    "StudyCA",
     "load_certificate",
     "load_kit",
     "load_private_key",
@@ -97,6 +98,34 @@ def validate_site_names(sites: Sequence[str]) -> list[str]:
     if repeated:
         raise FedsegError(f"site name(s) {repeated!r} given more than once")
     return names
+
+
+SITE_URI_PREFIX = "fedseg://site/"
+
+
+def site_identity(cert: x509.Certificate) -> str:
+    """The site name a certificate stands for.
+
+    Read from the SAN URI ``fedseg://site/<name>``, falling back to the subject
+    CN for certificates without one. The caller must have verified the
+    certificate's chain first: the name is only as trustworthy as its issuer.
+
+    Raises:
+        FedsegError: the certificate carries neither.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith(SITE_URI_PREFIX):
+                return uri[len(SITE_URI_PREFIX):]
+    common_names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if common_names:
+        value = common_names[0].value
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    raise FedsegError(f"certificate {cert.subject.rfc4514_string()!r} carries no site identity")
 
 
 @dataclass(frozen=True)
@@ -221,10 +250,37 @@ def _read(path: Path) -> bytes:
         raise FedsegError(f"cannot read kit file {path}: {exc.strerror or exc}") from exc
 
 
+class StudyCA:
+    """Checks a site certificate relayed by the server (secure aggregation's round keys): issued by the study
+    CA, valid now, for the site it is said to be; returns its public key."""
+
+    def __init__(self, ca: x509.Certificate) -> None:
+        self.ca = ca
+
+    def __call__(self, certificate_pem: str, site: str) -> ec.EllipticCurvePublicKey:
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+            cert.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise SecAggError(f"the round keys of {site} come with a certificate not issued by the study CA", site) from exc
+        if not cert.not_valid_before_utc <= dt.datetime.now(dt.UTC) <= cert.not_valid_after_utc:
+            raise SecAggError(f"the certificate relayed for {site} is not valid now", site)
+        try:
+            named: str | None = site_identity(cert)
+        except FedsegError:
+            named = None
+        if named != site:
+            raise SecAggError(f"the round keys of {site} come with the certificate of {named!r}", site)
+        public = cert.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise SecAggError(f"the certificate relayed for {site} holds no EC key", site)
+        return public
+
+
 def kit_credentials(kit: Kit) -> Credentials:
     """What secure aggregation signs this kit's round keys with, and checks the other sites' against."""
     cert_pem = _read(kit.cert).decode()
-    return Credentials(load_private_key(kit.key), cert_pem, load_certificate(kit.ca))
+    return Credentials(load_private_key(kit.key), cert_pem, StudyCA(load_certificate(kit.ca)))
 
 
 def check_kit_dates(kit: Kit) -> None:

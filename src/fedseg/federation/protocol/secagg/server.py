@@ -27,13 +27,19 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives import serialization
 
 from fedseg.federation.protocol.schemas import Message, MessageType
 from fedseg.federation.protocol.secagg import shamir
-from fedseg.federation.protocol.secagg.keys import AdvertisedKeys, SecAggError, pair_seed, seed_commitment, share_digest
+from fedseg.federation.protocol.secagg.keys import (
+    AdvertisedKeys,
+    CertificateCheck,
+    SecAggError,
+    pair_seed,
+    seed_commitment,
+    share_digest,
+)
 from fedseg.federation.protocol.secagg.masking import RING64, SCALAR_FIELDS, SCALARS, MaskStream, Payload
 from fedseg.federation.protocol.secagg.rules import SecureSettings
 from fedseg.federation.protocol.secagg.site import mask_sign
@@ -103,13 +109,13 @@ class SecureRound:
         asked: set[str],
         settings: SecureSettings,
         global_weights: Mapping[str, np.ndarray],
-        ca: x509.Certificate,
+        certificates: CertificateCheck,
         min_sites: int = 1,
     ) -> None:
         self.number = number
         self.settings = settings
         self.global_weights = global_weights
-        self.ca = ca
+        self.certificates = certificates
         self.min_sites = min_sites
         self.stage = Stage.KEYS
         self.members: set[str] = set(asked)  # who is still in the current stage
@@ -171,7 +177,7 @@ class SecureRound:
     def _keys(self, site: str, message: Message) -> str | None:
         keys = AdvertisedKeys.from_body(site, message.body)
         try:
-            keys.verify(self.number, self.ca)
+            keys.verify(self.number, self.certificates)
         except SecAggError as exc:
             return exc.reason
         self.roster[site] = keys

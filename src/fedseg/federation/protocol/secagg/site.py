@@ -116,7 +116,7 @@ class SiteSecureRound:
             )
         for site, keys in roster.items():
             if site != self.site:
-                keys.verify(self.round, self.credentials.ca)
+                keys.verify(self.round, self.credentials.check)
         self.roster, self.threshold = roster, threshold
         self.clip_norm, self.ring, self.fraction_bits = float(body["clip_norm"]), ring, bits
         return Message(MessageType.SHARES, round=self.round, site=self.site, body={"shares": self._deal()})
