@@ -53,6 +53,17 @@ class Harness:
         self.seen_by_server.append(message)
         self._collect(self.server.received(site, message))
 
+    def deal(self) -> None:
+        """KEYS, ROSTER, SHARES and DEALT for every site: each holds its shares, ready to mask."""
+        for site in self.sites:
+            self.send(site, self.site_rounds[site].keys_message())
+        for site in self.sites:
+            for message in self.inbox.pop(site, []):
+                self.send(site, self.site_rounds[site].on_roster(message))
+        for site in self.sites:
+            for message in self.inbox.pop(site, []):
+                self.site_rounds[site].on_dealt(message)
+
     def drop(self, site: str) -> None:
         self._collect(self.server.left(site, "disconnected"))
 

@@ -50,14 +50,7 @@ DICE = {"nci": 0.81, "suny": 0.62, "ucla": 0.74, "s4": 0.55, "s5": 0.9}
 def run_round(h: Harness, updates: dict[str, dict[str, np.ndarray]], *, drop_before_masking=(), drop_before_reveal=(),
               tamper_reveal=None) -> None:
     """Every stage in order; sites in ``drop_*`` leave at that point (their connection is gone)."""
-    for site in h.sites:
-        h.send(site, h.site_rounds[site].keys_message())
-    for site in h.sites:
-        for message in h.inbox.pop(site, []):
-            h.send(site, h.site_rounds[site].on_roster(message))
-    for site in h.sites:
-        for message in h.inbox.pop(site, []):
-            h.site_rounds[site].on_dealt(message)
+    h.deal()
     for site in h.sites:
         if site in drop_before_masking:
             h.drop(site)
@@ -149,12 +142,7 @@ def test_clipping_bounds_the_change_before_masking() -> None:
     g = model()
     h = Harness(g, SITES, settings=SecureSettings(clip_ratio=0.01))
     big = {site: trained(g, i, scale=1.0) for i, site in enumerate(SITES)}
-    for site in SITES:
-        h.send(site, h.site_rounds[site].keys_message())
-    for site in SITES:
-        h.send(site, h.site_rounds[site].on_roster(h.inbox.pop(site)[0]))
-    for site in SITES:
-        h.site_rounds[site].on_dealt(h.inbox.pop(site)[0])
+    h.deal()
     report = h.site_rounds["nci"].masked_message(big["nci"], 10, DICE["nci"])[1]
     assert report.clipped and report.sent_norm == pytest.approx(report.bound) and report.norm > 10 * report.bound
 
@@ -327,12 +315,7 @@ def test_a_site_never_reveals_both_secrets_of_one_site() -> None:
     g = model()
     h = Harness(g, SITES)
     updates = {site: trained(g, i) for i, site in enumerate(SITES)}
-    for site in SITES:
-        h.send(site, h.site_rounds[site].keys_message())
-    for site in SITES:
-        h.send(site, h.site_rounds[site].on_roster(h.inbox.pop(site)[0]))
-    for site in SITES:
-        h.site_rounds[site].on_dealt(h.inbox.pop(site)[0])
+    h.deal()
     h.site_rounds["nci"].masked_message(updates["nci"], 10, 0.8)
     both = Message(MessageType.UNMASK, round=0, body={"survivors": ["nci", "suny", "ucla"], "dropped": ["suny"]})
     with pytest.raises(SecAggError, match="survivors and dropped"):

@@ -89,17 +89,22 @@ def _site(path: str, value: Any) -> None:
         raise BadMessage(f"{path} must be a site name ({SITE_NAME_HELP}), got {show(value)}")
 
 
-def _scores(value_check: Check) -> Check:
-    """A JSON object {name: number}, e.g. metrics or per-case Dice."""
+def _mapping(key_check: Check, value_check: Check, limit: int, entries: str) -> Check:
+    """A JSON object of at most ``limit`` ``entries``, every key and value checked."""
 
     def check(path: str, value: Any) -> None:
-        if not isinstance(value, dict) or len(value) > MAX_ITEMS:
-            raise BadMessage(f"{path} must be an object of at most {MAX_ITEMS} entries, got {show(value)}")
+        if not isinstance(value, dict) or len(value) > limit:
+            raise BadMessage(f"{path} must be an object of at most {limit} {entries}, got {show(value)}")
         for key, item in value.items():
-            _name(f"{path} key", key)
+            key_check(f"{path} key", key)
             value_check(f"{path}.{key}", item)
 
     return check
+
+
+def _scores(value_check: Check) -> Check:
+    """A JSON object {name: number}, e.g. metrics or per-case Dice."""
+    return _mapping(_name, value_check, MAX_ITEMS, "entries")
 
 
 def _versions(path: str, value: Any) -> None:
@@ -174,15 +179,7 @@ def _object(required: Mapping[str, Check]) -> Check:
 
 def _by_site(value_check: Check) -> Check:
     """A JSON object {site name: value}."""
-
-    def check(path: str, value: Any) -> None:
-        if not isinstance(value, dict) or len(value) > MAX_SITES:
-            raise BadMessage(f"{path} must be an object of at most {MAX_SITES} sites, got {show(value)}")
-        for key, item in value.items():
-            _site(f"{path} key", key)
-            value_check(f"{path}.{key}", item)
-
-    return check
+    return _mapping(_site, value_check, MAX_SITES, "sites")
 
 
 def _sites(path: str, value: Any) -> None:
